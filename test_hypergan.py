@@ -1,0 +1,266 @@
+"""Tests for hypergan.py: offline (synthetic data only), CPU, the whole file in a few minutes.
+Run: python -m pytest -q test_hypergan.py"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hypergan as H
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# A short synthetic run: 2 epochs of 8 networks x 8 images, small evaluation.
+FAST = ["--dataset", "synthetic-mnist", "--epochs", "2", "--networks-per-step", "8", "--images-per-network", "8",
+        "--eval-networks", "10", "--val-networks", "2", "--pretrain-steps", "5", "--hidden", "64", "--d-dim", "16",
+        "--s-dim", "16"]
+
+
+def cli(*args, check=True):
+    """Runs hypergan.py as a user would: a subprocess. Returns the CompletedProcess."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "hypergan.py"), *args], capture_output=True, text=True,
+                       timeout=240)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(params=["small", "mednet"])
+def arch(request):
+    return request.param
+
+
+def make(arch, K=4, seed=0):
+    torch.manual_seed(seed)
+    net = H.TARGETS[arch](10)
+    model = H.HyperGAN(net, s_dim=16, d_dim=8, hidden=32)
+    theta = model.generate(model.codes(model.sample_s(K)))
+    shape = (1, 28, 28) if arch == "small" else (3, 32, 32)
+    return net, model, theta, shape
+
+
+# ----- the method's pieces -----------------------------------------------------------------------
+def test_generated_shapes_equal_target_parameters(arch):
+    net, model, theta, _ = make(arch, K=3)
+    params = list(net.parameters())
+    assert len(params) == 2 * len(theta)
+    for (w, b), pw, pb in zip(theta, params[0::2], params[1::2]):
+        assert w.shape == (3, *pw.shape) and b.shape == (3, *pb.shape)
+
+
+def paper_order(module):
+    """The same layers with each (pool, activation) pair swapped back to the paper's
+    (activation, pool): the batched forward must match it too (the swap is exact)."""
+    layers = list(module)
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], torch.nn.MaxPool2d) and isinstance(layers[i + 1], (torch.nn.ReLU, torch.nn.LeakyReLU)):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_batched_forward_equals_nn_module(arch, shared):
+    net, model, theta, shape = make(arch, K=3)
+    x = torch.randn(3, 5, *shape)
+    batched = H.functional_forward(net, theta, x[0] if shared else x)       # (K, B, classes)
+    for k in range(3):
+        module = H.TARGETS[arch](10)
+        module.load_state_dict(H.theta_to_state_dict(net, theta, k))
+        reference = paper_order(module)
+        expected = reference(x[0] if shared else x[k])
+        torch.testing.assert_close(batched[k], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_reach_mixer_and_every_generator(arch):
+    net, model, _, shape = make(arch, K=4)
+    z = model.codes(model.sample_s(4))
+    logits = H.functional_forward(net, model.generate(z), torch.randn(4, 2, *shape))
+    loss = F.cross_entropy(logits.flatten(0, 1), torch.randint(10, (8,))) + H.mixer_adversarial_loss(model.D, z)
+    loss.backward()
+    for name, module in [("Q", model.Q)] + [(f"G{i}", g) for i, g in enumerate(model.G)]:
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(g.abs().sum() for g in grads) > 0, name
+
+
+class ConstantD(torch.nn.Module):
+    """A 'discriminator' whose logit is a fixed number per input row: hand-checkable Eq. (3)."""
+
+    def forward(self, x):
+        return x[..., :1]  # the first coordinate is the logit
+
+
+def test_eq3_value_and_signs_by_hand():
+    D = ConstantD()
+    # one sample (K=1), N=2 layers; logits: prior 0 and ln 3, codes 0 and -ln 3
+    p = torch.tensor([[[0.0], [math.log(3)]]])
+    z = torch.tensor([[[0.0], [-math.log(3)]]])
+    # D(p) = 1/2, 3/4 ; D(z) = 1/2, 1/4  ->  Dist = -(log 1/2 + log 1/2 + log 3/4 + log 3/4)
+    expected = -(2 * math.log(0.5) + 2 * math.log(0.75))
+    assert H.discriminator_loss(D, z, p).item() == pytest.approx(expected, rel=1e-6)
+    # Q minimises sum_i log(1 - D(z_i)) = log 1/2 + log 3/4
+    assert H.mixer_adversarial_loss(D, z).item() == pytest.approx(math.log(0.5) + math.log(0.75), rel=1e-6)
+    # signs: a D that scores the prior higher has a lower loss; codes that look more like the prior
+    # (higher D(z)) give Q a lower loss
+    assert H.discriminator_loss(D, z - 1, p + 1) < H.discriminator_loss(D, z, p)
+    assert H.mixer_adversarial_loss(D, z + 1) < H.mixer_adversarial_loss(D, z)
+
+
+def test_different_noise_gives_different_networks():
+    net, model, _, _ = make("small", K=2)
+    model.eval()
+    theta = model.generate(model.codes(model.sample_s(2)))
+    for w, b in theta:
+        assert (w[0] - w[1]).abs().mean() > 1e-3 * w.abs().mean()
+    # eval mode: the same s gives the same network, alone or in a batch (BatchNorm uses running stats)
+    s = model.sample_s(3)
+    alone = model.generate(model.codes(s[:1]))[0][0]
+    batch = model.generate(model.codes(s))[0][0][:1]
+    torch.testing.assert_close(alone, batch)
+
+
+def test_loss_falls_and_accuracy_rises_on_synthetic_task():
+    cfg = H.parse_args(FAST + ["--epochs", "4"])
+    device = torch.device("cpu")
+    H.set_seed(0)
+    data = H.load_data(cfg, device)
+    net = H.TARGETS[data["arch"]](10)
+    model = H.HyperGAN(net, cfg.s_dim, cfg.d_dim, cfg.hidden)
+    before = H.evaluate(model, net, *data["test"], 10, seed=1, sizes=(1,))["single_mean"]
+    total = len(data["train"][0]) // 64 * cfg.epochs
+    opts, sched = H.make_optimizers(model, cfg, total)
+    x, y = data["train"]
+    ce = []
+    for step in range(total):
+        idx = torch.randint(len(x), (64,))
+        stats = H.train_step(model, net, opts, x[idx].view(8, 8, 1, 28, 28), y[idx].view(8, 8), cfg.beta,
+                             torch.autocast("cpu", enabled=False))
+        sched.step()
+        ce.append(stats[0].item())
+    after = H.evaluate(model, net, *data["test"], 10, seed=1, sizes=(1,))["single_mean"]
+    assert sum(ce[-20:]) / 20 < 0.5 * sum(ce[:20]) / 20
+    assert before < 0.2 and after > 0.6, (before, after)
+
+
+def test_ensemble_metrics_by_hand():
+    # 4 networks, 3 images, 2 classes
+    probs = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]],
+                          [[0.8, 0.2], [0.6, 0.4], [0.3, 0.7]],
+                          [[0.7, 0.3], [0.4, 0.6], [0.2, 0.8]],
+                          [[0.4, 0.6], [0.3, 0.7], [0.9, 0.1]]])
+    y = torch.tensor([0, 1, 1])
+    # image 0: votes (3, 1) -> 3 of 6 pairs differ; image 1: (1, 3) -> 3; image 2: (2, 2) -> 4
+    assert H.disagreement(probs) == pytest.approx((3 + 3 + 4) / 18)
+    # all-correct, fully confident predictions are perfectly calibrated
+    assert H.expected_calibration_error(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])) == 0
+    # confidence 0.9 at accuracy 1/2 -> ECE 0.4
+    assert H.expected_calibration_error(torch.tensor([[0.9, 0.1], [0.9, 0.1]]), torch.tensor([0, 1])) == \
+        pytest.approx(0.4)
+
+
+def test_augment_keeps_shape_and_content():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float).view(2, 3, 32, 32)
+    out = H.augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    # every output pixel is an input pixel of the same image and channel, or zero padding
+    for i in range(2):
+        for c in range(3):
+            assert set(out[i, c].flatten().tolist()) <= set(x[i, c].flatten().tolist()) | {0.0}
+
+
+# ----- the command line, end to end ------------------------------------------------------------
+def test_cli_train_resume_eval_export(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    # an uninterrupted 2-epoch run is the reference
+    straight = str(tmp_path / "straight")
+    r = cli(*FAST, "--out-dir", straight)
+    assert "ce" in r.stdout and "D(z)" in r.stdout and "ms/step" in r.stdout
+    reference = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=True)
+    # the same run, interrupted (Ctrl-C) right after epoch 1's checkpoint ...
+    real_save = H.save_checkpoint
+
+    def save_then_interrupt(path, *a):
+        real_save(path, *a)
+        if path.endswith("checkpoint.pt"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(H, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        H.main(FAST + ["--out-dir", out])
+    assert e.value.code != 0
+    monkeypatch.undo()
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    # ... and resumed: it ends exactly where the uninterrupted run ended
+    cli(*FAST, "--out-dir", out, "--resume")
+    resumed = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert resumed["epoch"] == 2
+    for k, v in reference["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, msg=k)
+    res = json.load(open(os.path.join(out, "results.json")))
+    for key in ("dataset", "config", "nll", "ece", "train_seconds", "steps_per_second", "peak_memory_mb"):
+        assert key in res
+    assert set(res["accuracy"]["ensemble"]) == {"1", "5", "10", "100"}
+    assert 0 <= res["accuracy"]["single_mean"] <= 1 and res["accuracy"]["ensemble"]["5"]["draws"] == 2
+    # eval-only on the checkpoint, with export
+    ev = str(tmp_path / "eval")
+    r = cli(*FAST, "--out-dir", ev, "--eval-only", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+            "--export", "3", str(tmp_path / "nets"))
+    again = json.load(open(os.path.join(ev, "results.json")))
+    assert again["accuracy"]["single_mean"] == pytest.approx(res["accuracy"]["single_mean"], abs=0.05)
+    files = sorted(os.listdir(tmp_path / "nets"))
+    assert files == ["net_000.pt", "net_001.pt", "net_002.pt"]
+    module = H.small_net(10)
+    module.load_state_dict(torch.load(tmp_path / "nets" / "net_000.pt", weights_only=True))
+    assert module(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_cli_synthetic_cifar_runs(tmp_path):
+    r = cli(*FAST, "--dataset", "synthetic-cifar10", "--epochs", "1", "--out-dir", str(tmp_path))
+    assert json.load(open(tmp_path / "results.json"))["dataset"] == "synthetic-cifar10"
+
+
+# ----- bad input: one line, non-zero exit, no traceback, nothing overwritten ---------------------
+def one_line_error(r):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_unknown_dataset_and_option():
+    assert "invalid choice" in one_line_error(cli("--dataset", "imagenet", check=False))
+    assert "--frobnicate" in one_line_error(cli("--frobnicate", check=False))
+
+
+def test_missing_data_offline(tmp_path):
+    msg = one_line_error(cli("--dataset", "mnist", "--data-root", str(tmp_path), "--no-download", check=False))
+    assert "mnist" in msg and str(tmp_path) in msg
+
+
+def test_corrupt_and_mismatched_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "not a readable" in one_line_error(cli(*FAST, "--eval-only", "--checkpoint", str(bad), check=False))
+    out = str(tmp_path / "run")
+    cli(*FAST, "--epochs", "1", "--out-dir", out)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    msg = one_line_error(cli(*FAST, "--d-dim", "32", "--eval-only", "--checkpoint", ckpt, check=False))
+    assert "--d-dim" in msg
+    msg = one_line_error(cli(*FAST, "--dataset", "synthetic-cifar10", "--eval-only", "--checkpoint", ckpt, check=False))
+    assert "--dataset" in msg
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    H.main(FAST + ["--epochs", "1", "--out-dir", out])
+    before = open(os.path.join(out, "checkpoint.pt"), "rb").read()
+    real_ce = F.cross_entropy
+    monkeypatch.setattr(H.F, "cross_entropy", lambda *a, **k: real_ce(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        H.main(FAST + ["--epochs", "2", "--out-dir", out, "--resume"])
+    assert e.value.code != 0
+    assert "non-finite" in capsys.readouterr().err
+    assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == before
