@@ -112,13 +112,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="HyperGAN (Ratzlaff & Fuxin, ICML 2019): train, evaluate, export.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="HyperGAN (Ratzlaff & Fuxin, ICML 2019): train, evaluate, export.")
     for f in dataclasses.fields(Config):
         kw = dict(f.metadata)
+        kw["help"] += " (default: the dataset's recipe, RECIPES)" if f.default is None else f" (default: {f.default})"
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **kw)
+        if isinstance(f.default, bool):  # --resume; --download / --no-download
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            p.add_argument(flag, action=action, default=f.default, **kw)
         elif f.name == "export":
             p.add_argument(flag, default=f.default, **kw)
         else:
@@ -653,6 +654,8 @@ def load_checkpoint(path):
 
 
 ARCH_FIELDS = ("dataset", "s_dim", "d_dim", "hidden")  # must match to load a checkpoint
+TRAINING_FIELDS = ("seed", "epochs", "networks_per_step", "images_per_network", "lr", "lr_d", "beta",
+                   "init_spread", "pretrain_steps", "val_size")
 
 
 def restore(ckpt, cfg, model, state, path):
@@ -714,6 +717,8 @@ def run(cfg):
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M hypernetwork parameters")
     if cfg.eval_only:
         restore(ckpt, cfg, model, None, ckpt_path)
+        for k in TRAINING_FIELDS:  # results.json reports how the checkpoint was trained
+            setattr(cfg, k, ckpt["config"][k])
         train_seconds, steps = ckpt["seconds"], ckpt["steps"]
     else:
         total_steps = len(data["train"][0]) // (cfg.networks_per_step * cfg.images_per_network) * cfg.epochs
@@ -735,6 +740,7 @@ def run(cfg):
         best = os.path.join(cfg.out_dir, "best.pt")
         if os.path.isfile(best):  # evaluate the epoch that was best on the validation split
             model.load_state_dict(load_checkpoint(best)["model"])
+    history = ckpt["history"] if cfg.eval_only else state["history"]
     t0 = time.perf_counter()
     result = evaluate(model, net, *data["test"], cfg.eval_networks, seed=cfg.eval_seed)
     eval_seconds = time.perf_counter() - t0
@@ -746,9 +752,13 @@ def run(cfg):
                    nll=result["nll"], ece=result["ece"], disagreement=result.get("disagreement"),
                    ensemble_gain=(result["ensemble"]["100"]["mean"] - result["single_mean"]
                                   if result["ensemble"].get("100") else None),
+                   # throughput of the whole training loop, per-epoch validation included
                    train_seconds=train_seconds, steps_per_second=steps / train_seconds if train_seconds else None,
+                   networks_x_images_per_second=(steps * cfg.networks_per_step * cfg.images_per_network / train_seconds
+                                                 if train_seconds else None),
+                   seconds_per_epoch=train_seconds / len(history) if history else None,
                    eval_seconds=eval_seconds, peak_memory_mb=peak_memory_mb(device),
-                   history=ckpt["history"] if cfg.eval_only else state["history"], paper=PAPER_TABLE2.get(cfg.dataset))
+                   history=history, paper=PAPER_TABLE2.get(cfg.dataset))
     with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
     os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
