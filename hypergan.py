@@ -19,7 +19,7 @@ Measured results (the paper's Table 2 beside ours) and every choice the paper le
 paper_notes.md; each figure there names its command, hardware, wall time and seeds.
 Sections follow the paper and read top to bottom:
   0 config · 1 data · 2 target networks · 3 mixer, generators, discriminator · 4 losses
-  · 5 training · 6 evaluation · 7 checkpoints and export · 8 main
+  · 5 training · 6 evaluation · 7 checkpoints and export · 8 torchrun (optional) · 9 main
 
 Glossary: s noise, Q mixer, z codes (K, N, d), G_i generator of layer i, theta generated
 parameters, D discriminator, P prior N(0, I_d), beta weight of the adversarial term,
@@ -65,6 +65,8 @@ class Config:
     checkpoint: str = opt("", "checkpoint to resume or evaluate (default <out-dir>/checkpoint.pt)")
     export: tuple = opt((), "write N sampled networks as plain nn.Module state_dicts into folder PATH",
                         nargs=2, metavar=("N", "PATH"))
+    synthetic_size: int = opt(4096, "training images of the synthetic data sets (test set: a fifth, at "
+                                    "least 1024); 50000 gives CIFAR-10's size for speed checks")
     # the method (PAPER.md sections 1-4); None means the dataset's recipe in RECIPES below
     s_dim: int = opt(256, "dimension of the noise s (official code: 256)")
     d_dim: int = opt(128, "dimension of each layer code z_i (official MNIST code: 128)")
@@ -90,8 +92,9 @@ class Config:
     log_every: int = opt(0, "log every this many steps (0: five lines per epoch)")
 
 
-# The per-dataset recipe fills every None above. MNIST's is the one measured to reach the
-# paper's Table 2 row inside the time budget (paper_notes.md, "Recipe").
+# The per-dataset recipe fills every None above. The MNIST and MNIST-5000 recipes are the ones
+# measured in paper_notes.md (section 3); the CIFAR ones are untested starting points (no CIFAR
+# copy was reachable when they were written); the synthetic ones are sized for the tests.
 RECIPES = {
     "mnist":      dict(epochs=20, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0),
     "mnist5000":  dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0),
@@ -138,8 +141,7 @@ def parse_args(argv=None):
 
 
 def set_seed(seed):
-    torch.manual_seed(seed)  # seeds the CPU and every CUDA generator
-    torch.use_deterministic_algorithms(False)
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA generator; data splits have their own
 
 
 def pick_device(name):
@@ -195,8 +197,8 @@ def load_data(cfg, device):
     name = cfg.dataset
     if name.startswith("synthetic"):
         shape = (1, 28, 28) if name == "synthetic-mnist" else (3, 32, 32)
-        x, y = synthetic_split(shape, 10, 4096, seed=1)
-        x_test, y_test = synthetic_split(shape, 10, 1024, seed=2)
+        x, y = synthetic_split(shape, 10, cfg.synthetic_size, seed=1)
+        x_test, y_test = synthetic_split(shape, 10, max(1024, cfg.synthetic_size // 5), seed=2)
         mean, std = (0.0,) * shape[0], (1.0,) * shape[0]   # already zero-mean, unit-noise
         arch = "small" if shape[0] == 1 else "mednet"
         val_size = min(cfg.val_size, 512)
@@ -216,7 +218,7 @@ def load_data(cfg, device):
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     val, train = order[:val_size], order[val_size:]
     if name == "mnist5000":
-        # Deviation (official code): a fixed, seeded 5,000-image subset, not 159 fresh batches a epoch.
+        # Deviation (official code): a fixed, seeded 5,000-image subset, not 159 fresh batches an epoch.
         train = train[:5000]
     norm = lambda t: ((t - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)).to(device)
     return dict(train=(norm(x[train]), y[train].to(device)), val=(norm(x[val]), y[val].to(device)),
@@ -298,7 +300,7 @@ def functional_forward(net, theta, x):
     ms. It is one kernel launch per layer on a GPU. Pooling and activations act per channel, so
     they run on the stacked tensor unchanged."""
     K = theta[0][0].shape[0]
-    h = x if x.dim() == 4 else x.transpose(0, 1).flatten(1, 2)     # (B, K*C, H, W) or shared (B, C, H, W)
+    h = x.transpose(0, 1).flatten(1, 2) if x.dim() == 5 else x     # (B, K*C, H, W); shared: as given
     params = iter(theta)
     for layer in net:
         if isinstance(layer, nn.Conv2d):
@@ -340,11 +342,11 @@ def mlp(sizes, act, batchnorm):
 
 
 class HyperGAN(nn.Module):
-    """Q, G_1..G_N and D for the target `net` (only its layer shapes are read).
+    """The mixer Q and the generators G_1..G_N for the target `net` (only its shapes are read).
 
     Q: s (K, s_dim) -> z (K, N, d), Linear-BN-ReLU x2 then Linear, as the official code.
     G_i: z_i (K, d) -> theta_i, Linear-BN-ELU x2 then Linear (official MNIST generators).
-    D: a code (.., d) -> one logit; D(x) of the paper is sigmoid(logit). One D for all layers.
+    forward(s) = (z, theta): everything Eq. (2) trains. The discriminator is `discriminator` below.
     """
 
     def __init__(self, net, s_dim=256, d_dim=128, hidden=256, init_spread=0.1):
@@ -356,14 +358,14 @@ class HyperGAN(nn.Module):
         # Biases are generated too (as the 2019 official code): each G_i outputs weight ‖ bias.
         self.G = nn.ModuleList(mlp([d_dim, hidden, hidden, math.prod(w) + math.prod(b)], nn.ELU, batchnorm=True)
                                for w, b in self.shapes)
-        self.D = mlp([d_dim, hidden, hidden, 1], nn.ReLU, batchnorm=False)
         # Deviation (ours; the official code has none of this). The last layer of G_i computes
         #     theta_i = scale_i * (W h) + bias,   h = G_i's last hidden layer,
         # with scale_i = 1/sqrt(fan_in) of target layer i (PyTorch's default init scale). The
         # bias starts as a fresh default init of the target layer, so it is the mean network and
         # Adam moves it as fast as a plain network's weights; W h is each network's departure
-        # from it, started at init_spread (0.1) x the init scale. Measured on MNIST, 1 epoch: unscaled, initial
-        # CE ~240 (logits explode); output scaled as a whole 89.0 %; as here 95.6 % (validation).
+        # from it, started at init_spread (0.1) x the init scale. Measured on MNIST after one
+        # epoch: unscaled, the initial CE is ~240 (logits explode); scaling the whole output
+        # gives 89.0 % validation accuracy; this form 95.6 % (paper_notes.md, deviation 3).
         self.scales = [1 / math.sqrt(math.prod(w[1:])) for w, _ in self.shapes]
         with torch.no_grad():
             for G, layer in zip(self.G, param_layers(net)):
@@ -386,8 +388,15 @@ class HyperGAN(nn.Module):
             theta.append((out[:, :math.prod(w)].view(-1, *w), out[:, math.prod(w):].view(-1, *b)))
         return theta
 
-    def hyper_parameters(self):
-        return list(self.Q.parameters()) + list(self.G.parameters())
+    def forward(self, s):
+        z = self.codes(s)
+        return z, self.generate(z)
+
+
+def discriminator(d_dim=128, hidden=256):
+    """D: a layer code (.., d) -> one logit; the paper's D(x) is sigmoid(logit). One D is shared
+    by all N layer codes (Fig. 1), as in the official code. No BatchNorm (official code)."""
+    return mlp([d_dim, hidden, hidden, 1], nn.ReLU, batchnorm=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,8 +405,10 @@ class HyperGAN(nn.Module):
 # ---------------------------------------------------------------------------------------------
 def discriminator_loss(D, z, p):
     """Eq. (3): Dist = -sum_{i=1..N} ( log D(p_i) + log(1 - D(z_i)) ), averaged over the K samples.
-    D minimises it: D(prior) -> 1, D(codes) -> 0. z, p: (K, N, d)."""
-    return -(F.logsigmoid(D(p)) + F.logsigmoid(-D(z))).squeeze(-1).sum(1).mean()
+    D minimises it: D(prior) -> 1, D(codes) -> 0. z, p: (K, N, d). (One call of D on both halves:
+    DistributedDataParallel expects one forward per backward.)"""
+    logit_p, logit_z = D(torch.cat([p, z])).squeeze(-1).chunk(2)               # (K, N) each
+    return -(F.logsigmoid(logit_p) + F.logsigmoid(-logit_z)).sum(1).mean()
 
 
 def mixer_adversarial_loss(D, z):
@@ -432,32 +443,35 @@ def pretrain_mixer(model, steps, batch=1000):
 #    step covers K*b distinct images for the cost of K*b network-image passes; the official code
 #    shows one batch to all networks. Both estimate the same expectation of Eq. (1).
 # ---------------------------------------------------------------------------------------------
-def train_step(model, net, opts, x, y, beta, autocast):
-    """x: (K, b, C, H, W), y: (K, b). Returns the step's statistics as tensors (no host sync)."""
+def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None):
+    """x: (K, b, C, H, W), y: (K, b). Returns the step's statistics as tensors (no host sync).
+    ddp: under torchrun, (model, D) wrapped in DistributedDataParallel (section 8), which averages
+    their gradients across processes inside backward(); otherwise None."""
     opt_qg, opt_d = opts
+    qg, d_train = ddp or (model, D)
     K = x.shape[0]
+    s = torch.randn(K, model.s_dim, device=x.device)                          # s ~ N(0, I_s)
     with autocast:
-        z = model.codes(model.sample_s(K))                                    # (K, N, d)
+        z, theta = qg(s)                                                      # z: (K, N, d), theta per layer
         # D step, Eq. (3): minimise Dist over D; the codes are constants here.
         p = torch.randn_like(z)                                               # p_i ~ P = N(0, I_d)
-        d_loss = discriminator_loss(model.D, z.detach().float(), p.float())
+        d_loss = discriminator_loss(d_train, z.detach().float(), p.float())
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
     with autocast:
         # Q, G step, Eq. (2): minimise E[CE(F(x; G(Q(s))), y)] - beta * Dist over Q and G.
-        theta = model.generate(z)
         logits = functional_forward(net, theta, x)                           # (K, b, classes)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())       # Eq. (1)
-        model.D.requires_grad_(False)                                         # D is held fixed here
-        q_adv = mixer_adversarial_loss(model.D, z.float())
-        model.D.requires_grad_(True)
+        D.requires_grad_(False)                                               # D is held fixed here
+        q_adv = mixer_adversarial_loss(D, z.float())
+        D.requires_grad_(True)
         loss = ce + beta * q_adv
     opt_qg.zero_grad(set_to_none=True)
     loss.backward()
     opt_qg.step()
     with torch.no_grad():
-        Dp, Dz = torch.sigmoid(model.D(p.float())).mean(), torch.sigmoid(model.D(z.detach().float())).mean()
+        Dp, Dz = torch.sigmoid(D(p.float())).mean(), torch.sigmoid(D(z.detach().float())).mean()
         acc = (logits.argmax(-1) == y).float().mean()
     return torch.stack([ce.detach(), d_loss.detach(), q_adv.detach(), Dp, Dz, acc])
 
@@ -465,31 +479,34 @@ def train_step(model, net, opts, x, y, beta, autocast):
 STAT_NAMES = ("ce", "d_loss", "q_adv", "D(p)", "D(z)", "acc")
 
 
-def make_optimizers(model, cfg, total_steps):
+def make_optimizers(model, D, cfg, total_steps):
     # Adam for Q and the G_i together, a second Adam for D (the official code: one per module).
     # Deviation: betas (0.9, 0.999) for Q and G, not the official (0.5, 0.9): +0.9 % validation
     # accuracy after one MNIST epoch (measured). fused=True: one kernel for all 9-18 M parameters,
     # 118 -> 70 ms per CPU step (measured), the optimiser being most of a step's cost.
-    opt_qg = torch.optim.Adam(model.hyper_parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    opt_d = torch.optim.Adam(model.D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True)
+    opt_qg = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True)
     # Deviation (ours): cosine decay of Q and G's rate to 0 over the run (the official code keeps
     # it constant or restarts it every 10 epochs); it decides the final accuracy in a short run.
     sched = torch.optim.lr_scheduler.LambdaLR(opt_qg, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
     return (opt_qg, opt_d), sched
 
 
-def train(cfg, model, net, data, device, state):
+def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
     """The training loop; `state` holds the optimisers, scheduler, epoch and history, and is
-    what the checkpoint saves at the end of every epoch."""
+    what the checkpoint saves at the end of every epoch. Under torchrun (world > 1) process
+    `rank` trains on its own K*b images of every world*K*b batch, and rank 0 alone logs,
+    validates and writes checkpoints."""
     x_train, y_train = data["train"]
     K, b = cfg.networks_per_step, cfg.images_per_network
-    steps_per_epoch = len(x_train) // (K * b)
+    steps_per_epoch = len(x_train) // (K * b * world)
     if steps_per_epoch == 0:
-        raise UserError(f"the training set ({len(x_train)} images) is smaller than one step's K*b = {K * b}")
+        raise UserError(f"the training set ({len(x_train)} images) is smaller than one step's K*b = {K * b * world}")
+    log = print if rank == 0 else (lambda *a, **k: None)
     total = steps_per_epoch * cfg.epochs
     log_every = cfg.log_every or max(1, steps_per_epoch // 5)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
-    print(f"{'epoch':>5} {'step':>7} " + " ".join(f"{n:>8}" for n in STAT_NAMES) + f" {'ms/step':>8} {'ETA':>7}")
+    log(f"{'epoch':>5} {'step':>7} " + " ".join(f"{n:>8}" for n in STAT_NAMES) + f" {'ms/step':>8} {'ETA':>7}")
     for epoch in range(state["epoch"], cfg.epochs):
         t_epoch = time.perf_counter()
         model.train()
@@ -498,12 +515,13 @@ def train(cfg, model, net, data, device, state):
         order = torch.randperm(len(x_train), generator=g).to(device)
         sums, n_sum, t_log = torch.zeros(len(STAT_NAMES), device=device), 0, time.perf_counter()
         for i in range(steps_per_epoch):
-            idx = order[i * K * b:(i + 1) * K * b]
+            start = (i * world + rank) * K * b                             # this process's shard
+            idx = order[start:start + K * b]
             x = x_train[idx]
             if data["augment"]:
                 x = augment_batch(x)
             x, y = x.view(K, b, *x.shape[1:]), y_train[idx].view(K, b)     # network k gets x[k]
-            sums += train_step(model, net, state["opts"], x, y, cfg.beta, autocast)
+            sums += train_step(model, D, net, state["opts"], x, y, cfg.beta, autocast, ddp)
             state["sched"].step()
             n_sum += 1
             if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
@@ -514,22 +532,24 @@ def train(cfg, model, net, data, device, state):
                                     f"The last good checkpoint was kept")
                 ms = (time.perf_counter() - t_log) * 1000 / n_sum
                 eta = ms / 1000 * (total - epoch * steps_per_epoch - i - 1)
-                print(f"{epoch + 1:>5} {epoch * steps_per_epoch + i + 1:>7} "
-                      + " ".join(f"{v:8.4f}" for v in stats) + f" {ms:8.1f} {eta / 60:6.1f}m", flush=True)
+                log(f"{epoch + 1:>5} {epoch * steps_per_epoch + i + 1:>7} "
+                    + " ".join(f"{v:8.4f}" for v in stats) + f" {ms:8.1f} {eta / 60:6.1f}m", flush=True)
                 sums, n_sum, t_log = torch.zeros_like(sums), 0, time.perf_counter()
-        # End of epoch: validation accuracy of single sampled networks (selection uses it).
-        val = evaluate(model, net, *data["val"], cfg.val_networks, seed=cfg.eval_seed, sizes=(1,))
         state["epoch"] = epoch + 1
         state["steps"] += steps_per_epoch
+        if rank != 0:
+            continue
+        # End of epoch: validation accuracy of single sampled networks (selection uses it).
+        val = evaluate(model, net, *data["val"], cfg.val_networks, seed=cfg.eval_seed, sizes=(1,))
         state["seconds"] += time.perf_counter() - t_epoch         # training (+ validation) time
         state["history"].append(dict(epoch=epoch + 1, train=dict(zip(STAT_NAMES, stats)),
                                      val_single_mean=val["single_mean"], seconds=state["seconds"]))
         improved = val["single_mean"] > state["best_val"]
         if improved:
             state["best_val"] = val["single_mean"]
-        save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), cfg, model, state)
+        save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), cfg, model, D, state)
         if improved:
-            save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), cfg, model, state)
+            save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), cfg, model, D, state)
         print(f"epoch {epoch + 1}: validation accuracy of one sampled network {100 * val['single_mean']:.2f}"
               f" ± {100 * val['single_std']:.2f} % ({cfg.val_networks} networks)"
               + ("  -> best.pt" if improved else ""), flush=True)
@@ -626,11 +646,11 @@ def format_table(dataset, result):
 # ---------------------------------------------------------------------------------------------
 # 7. Checkpoints (one dict: models, optimisers, scheduler, RNG, epoch, config, history) and export.
 # ---------------------------------------------------------------------------------------------
-def save_checkpoint(path, cfg, model, state):
+def save_checkpoint(path, cfg, model, D, state):
     """Atomic: write to a temporary file, then rename over the old one. An interrupted run can
     leave a stray .tmp file but never a half-written checkpoint."""
     opt_qg, opt_d = state["opts"]
-    ckpt = dict(config=dataclasses.asdict(cfg), model=model.state_dict(), opt_qg=opt_qg.state_dict(),
+    ckpt = dict(config=dataclasses.asdict(cfg), model=model.state_dict(), D=D.state_dict(), opt_qg=opt_qg.state_dict(),
                 opt_d=opt_d.state_dict(), sched=state["sched"].state_dict(), epoch=state["epoch"],
                 steps=state["steps"], seconds=state["seconds"], best_val=state["best_val"],
                 history=state["history"], rng_cpu=torch.get_rng_state(),
@@ -646,7 +666,7 @@ def load_checkpoint(path):
         raise UserError(f"no checkpoint at {path!r}; train first or pass --checkpoint PATH")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(ckpt, dict) and {"config", "model", "epoch"} <= ckpt.keys()
+        assert isinstance(ckpt, dict) and {"config", "model", "D", "epoch"} <= ckpt.keys()
     except Exception as e:
         raise UserError(f"{path!r} is not a readable HyperGAN checkpoint ({type(e).__name__}); "
                         f"it may be truncated or from another program")
@@ -658,7 +678,7 @@ TRAINING_FIELDS = ("seed", "epochs", "networks_per_step", "images_per_network", 
                    "init_spread", "pretrain_steps", "val_size")
 
 
-def restore(ckpt, cfg, model, state, path):
+def restore(ckpt, cfg, model, D, state, path):
     """Loads a checkpoint into model (and training state). The architecture must match."""
     for k in ARCH_FIELDS:
         if ckpt["config"].get(k) != getattr(cfg, k):
@@ -666,6 +686,7 @@ def restore(ckpt, cfg, model, state, path):
                             f"this run has {getattr(cfg, k)}; pass the same value")
     try:
         model.load_state_dict(ckpt["model"])
+        D.load_state_dict(ckpt["D"])
         if state is not None:
             state["opts"][0].load_state_dict(ckpt["opt_qg"])
             state["opts"][1].load_state_dict(ckpt["opt_d"])
@@ -693,7 +714,37 @@ def export_networks(model, net, n, path, seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Main: train (or resume), select the best epoch on validation, evaluate on test, write results.
+# 8. Optional: several GPUs or machines with torchrun, through PyTorch's DistributedDataParallel.
+#        torchrun --nproc_per_node=N hypergan.py --dataset cifar10
+#    Each process samples its own networks (its own noise s) on its own shard of every batch;
+#    DDP averages the gradients of Q, every G_i and D across processes inside backward(), so all
+#    processes hold the same parameters after every step. Rank 0 alone logs, validates, evaluates
+#    and writes files. A plain `python hypergan.py` never enters this section.
+# ---------------------------------------------------------------------------------------------
+def init_distributed():
+    """Returns (rank, world_size); joins the process group only when torchrun started us."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wrap_distributed(model, D, device):
+    """(model, D) in DistributedDataParallel; wrapping copies rank 0's parameters to all."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [device] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids), DDP(D, device_ids=ids)
+
+
+def parameter_checksum(*modules):
+    return sum(p.double().sum().item() for m in modules for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Main: train (or resume), select the best epoch on validation, evaluate on test, write results.
 # ---------------------------------------------------------------------------------------------
 def peak_memory_mb(device):
     if device.type == "cuda":
@@ -702,7 +753,10 @@ def peak_memory_mb(device):
 
 
 def run(cfg):
+    rank, world = init_distributed()
     device = pick_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     set_seed(cfg.seed)
     ckpt_path = cfg.checkpoint or os.path.join(cfg.out_dir, "checkpoint.pt")
     if cfg.eval_only and not cfg.checkpoint:
@@ -711,31 +765,42 @@ def run(cfg):
     data = load_data(cfg, device)
     net = TARGETS[data["arch"]](data["num_classes"]).to(device)
     model = HyperGAN(net, cfg.s_dim, cfg.d_dim, cfg.hidden, cfg.init_spread).to(device)
+    D = discriminator(cfg.d_dim, cfg.hidden).to(device)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    print(f"HyperGAN on {cfg.dataset} ({len(data['train'][0])} train / {len(data['val'][0])} val / "
-          f"{len(data['test'][0])} test images), target '{data['arch']}', device {device}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M hypernetwork parameters")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"HyperGAN on {cfg.dataset} ({len(data['train'][0])} train / {len(data['val'][0])} val / "
+        f"{len(data['test'][0])} test images), target '{data['arch']}', device {device}"
+        + (f" x {world} processes" if world > 1 else "") + f", "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters in Q and G")
     if cfg.eval_only:
-        restore(ckpt, cfg, model, None, ckpt_path)
+        restore(ckpt, cfg, model, D, None, ckpt_path)
         for k in TRAINING_FIELDS:  # results.json reports how the checkpoint was trained
             setattr(cfg, k, ckpt["config"][k])
         train_seconds, steps = ckpt["seconds"], ckpt["steps"]
     else:
-        total_steps = len(data["train"][0]) // (cfg.networks_per_step * cfg.images_per_network) * cfg.epochs
-        opts, sched = make_optimizers(model, cfg, max(total_steps, 1))
+        total_steps = len(data["train"][0]) // (cfg.networks_per_step * cfg.images_per_network * world) * cfg.epochs
+        opts, sched = make_optimizers(model, D, cfg, max(total_steps, 1))
         state = dict(opts=opts, sched=sched, epoch=0, steps=0, seconds=0.0, best_val=-1.0, history=[])
         if ckpt is not None:
-            restore(ckpt, cfg, model, state, ckpt_path)
-            print(f"resumed from {ckpt_path} after epoch {state['epoch']}")
+            restore(ckpt, cfg, model, D, state, ckpt_path)
+            log(f"resumed from {ckpt_path} after epoch {state['epoch']}")
         else:
             loss = pretrain_mixer(model, cfg.pretrain_steps)
             if loss is not None:
-                print(f"mixer pre-training: {cfg.pretrain_steps} steps, moment-matching loss {loss:.4f}")
+                log(f"mixer pre-training: {cfg.pretrain_steps} steps, moment-matching loss {loss:.4f}")
+        ddp = None
+        if world > 1:
+            ddp = wrap_distributed(model, D, device)
+            torch.manual_seed(cfg.seed + 7919 * rank + state["epoch"])  # each process its own networks
         try:
-            train(cfg, model, net, data, device, state)
+            train(cfg, model, D, net, data, device, state, rank, world, ddp)
         except KeyboardInterrupt:
             raise UserError(f"interrupted; every finished epoch is in {cfg.out_dir}/checkpoint.pt, "
                             f"continue with --resume")
+        if world > 1:
+            print(f"rank {rank}/{world}: parameter checksum {parameter_checksum(model, D):.10e}", flush=True)
+            if rank != 0:
+                return None
         train_seconds, steps = state["seconds"], state["steps"]
         best = os.path.join(cfg.out_dir, "best.pt")
         if os.path.isfile(best):  # evaluate the epoch that was best on the validation split
@@ -746,7 +811,8 @@ def run(cfg):
     eval_seconds = time.perf_counter() - t0
     print(f"\ntest set, {cfg.eval_networks} sampled networks ({eval_seconds:.1f} s); pairwise "
           f"disagreement {100 * result.get('disagreement', 0):.2f} %\n" + format_table(cfg.dataset, result))
-    results = dict(dataset=cfg.dataset, config=dataclasses.asdict(cfg),
+    K_b = cfg.networks_per_step * cfg.images_per_network * world   # network-image passes per step
+    results = dict(dataset=cfg.dataset, config=dataclasses.asdict(cfg), processes=world,
                    accuracy=dict(single_mean=result["single_mean"], single_std=result["single_std"],
                                  ensemble=result["ensemble"]),
                    nll=result["nll"], ece=result["ece"], disagreement=result.get("disagreement"),
@@ -754,8 +820,7 @@ def run(cfg):
                                   if result["ensemble"].get("100") else None),
                    # throughput of the whole training loop, per-epoch validation included
                    train_seconds=train_seconds, steps_per_second=steps / train_seconds if train_seconds else None,
-                   networks_x_images_per_second=(steps * cfg.networks_per_step * cfg.images_per_network / train_seconds
-                                                 if train_seconds else None),
+                   networks_x_images_per_second=steps * K_b / train_seconds if train_seconds else None,
                    seconds_per_epoch=train_seconds / len(history) if history else None,
                    eval_seconds=eval_seconds, peak_memory_mb=peak_memory_mb(device),
                    history=history, paper=PAPER_TABLE2.get(cfg.dataset))
@@ -774,6 +839,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if "torch.distributed" in sys.modules and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -76,9 +76,10 @@ def test_batched_forward_equals_nn_module(arch, shared):
 
 def test_gradients_reach_mixer_and_every_generator(arch):
     net, model, _, shape = make(arch, K=4)
-    z = model.codes(model.sample_s(4))
-    logits = H.functional_forward(net, model.generate(z), torch.randn(4, 2, *shape))
-    loss = F.cross_entropy(logits.flatten(0, 1), torch.randint(10, (8,))) + H.mixer_adversarial_loss(model.D, z)
+    z, theta = model(model.sample_s(4))
+    logits = H.functional_forward(net, theta, torch.randn(4, 2, *shape))
+    loss = F.cross_entropy(logits.flatten(0, 1), torch.randint(10, (8,))) + \
+        H.mixer_adversarial_loss(H.discriminator(8, 32), z)
     loss.backward()
     for name, module in [("Q", model.Q)] + [(f"G{i}", g) for i, g in enumerate(model.G)]:
         grads = [p.grad for p in module.parameters()]
@@ -128,21 +129,33 @@ def test_loss_falls_and_accuracy_rises_on_synthetic_task():
     H.set_seed(0)
     data = H.load_data(cfg, device)
     net = H.TARGETS[data["arch"]](10)
-    model = H.HyperGAN(net, cfg.s_dim, cfg.d_dim, cfg.hidden)
+    model, D = H.HyperGAN(net, cfg.s_dim, cfg.d_dim, cfg.hidden), H.discriminator(cfg.d_dim, cfg.hidden)
     before = H.evaluate(model, net, *data["test"], 10, seed=1, sizes=(1,))["single_mean"]
     total = len(data["train"][0]) // 64 * cfg.epochs
-    opts, sched = H.make_optimizers(model, cfg, total)
+    opts, sched = H.make_optimizers(model, D, cfg, total)
     x, y = data["train"]
     ce = []
     for step in range(total):
         idx = torch.randint(len(x), (64,))
-        stats = H.train_step(model, net, opts, x[idx].view(8, 8, 1, 28, 28), y[idx].view(8, 8), cfg.beta,
+        stats = H.train_step(model, D, net, opts, x[idx].view(8, 8, 1, 28, 28), y[idx].view(8, 8), cfg.beta,
                              torch.autocast("cpu", enabled=False))
         sched.step()
         ce.append(stats[0].item())
     after = H.evaluate(model, net, *data["test"], 10, seed=1, sizes=(1,))["single_mean"]
     assert sum(ce[-20:]) / 20 < 0.5 * sum(ce[:20]) / 20
     assert before < 0.2 and after > 0.6, (before, after)
+
+
+def test_batched_evaluation_equals_per_network_evaluation():
+    net, model, _, shape = make("small")
+    model.eval()
+    x = torch.randn(7, *shape)
+    probs = H.sample_probs(model, net, x, n_networks=5, seed=3, nets_per_chunk=2, images_per_chunk=3)
+    theta = model.generate(model.codes(model.sample_s(5, torch.Generator().manual_seed(3))))
+    for k in range(5):
+        module = H.small_net(10)
+        module.load_state_dict(H.theta_to_state_dict(net, theta, k))
+        torch.testing.assert_close(probs[k], module(x).softmax(-1), rtol=1e-4, atol=1e-6)
 
 
 def test_ensemble_metrics_by_hand():
@@ -264,3 +277,20 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsy
     assert e.value.code != 0
     assert "non-finite" in capsys.readouterr().err
     assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == before
+
+
+# ----- several processes (torchrun, gloo on CPU) ------------------------------------------------
+def test_two_processes_stay_identical_and_checkpoint_loads(tmp_path):
+    out = str(tmp_path / "ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "hypergan.py"), *FAST, "--out-dir", out],
+                       capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    sums = sorted(line for line in r.stdout.splitlines() if "parameter checksum" in line)
+    assert len(sums) == 2 and sums[0].split()[-1] == sums[1].split()[-1], sums
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["processes"] == 2
+    ce = [h["train"]["ce"] for h in res["history"]]
+    assert ce[-1] < ce[0], ce
+    ev = cli(*FAST, "--out-dir", str(tmp_path / "eval"), "--eval-only", "--checkpoint", os.path.join(out, "checkpoint.pt"))
+    assert "test set" in ev.stdout
