@@ -829,6 +829,10 @@ def run(cfg):
                    seconds_per_epoch=train_seconds / len(history) if history else None,
                    eval_seconds=eval_seconds, peak_memory_mb=peak_memory_mb(device),
                    history=history, paper=PAPER_TABLE2.get(cfg.dataset))
+    print(f"training: {results['steps_per_second'] or 0:.1f} steps/s, "
+          f"{results['networks_x_images_per_second'] or 0:.0f} networks x images/s, "
+          f"{results['seconds_per_epoch'] or 0:.1f} s/epoch; evaluation {eval_seconds:.1f} s; "
+          f"peak memory {results['peak_memory_mb']:.0f} MB")
     with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
     os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
