@@ -486,14 +486,16 @@ STAT_NAMES = ("ce", "d_loss", "q_adv", "D(p)", "D(z)", "acc")
 
 def make_optimizers(model, D, cfg, total_steps):
     # Adam for Q and the G_i together, a second Adam for D (the official code: one per module).
-    # Deviation: betas (0.9, 0.999) for Q and G, not the official (0.5, 0.9): +0.9 % validation
-    # accuracy after one MNIST epoch (measured). fused=True: one kernel for all 9-18 M parameters,
-    # 118 -> 70 ms per CPU step (measured), the optimiser being most of a step's cost.
+    # Deviation: betas (0.9, 0.999) for Q and G, not the official (0.5, 0.9); against (0.5, 0.999)
+    # they gave 94.3 vs 93.5 % validation accuracy after one MNIST epoch (measured). D keeps the
+    # official 0.5. fused=True: one kernel updates all parameters; measured 118 -> 70 ms per CPU
+    # step (hidden 512), the optimiser being the largest part of a step's cost.
     opt_qg = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True)
     # Deviation (ours): cosine decay of Q and G's rate to 0 over the run (the official code keeps
     # it constant or restarts it every 10 epochs); it decides the final accuracy in a short run.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt_qg, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+    cosine = lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_qg, cosine)
     return (opt_qg, opt_d), sched
 
 
@@ -566,9 +568,15 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
 #    from a fixed generator, so every checkpoint is judged on the same s.
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_probs(model, net, x, n_networks, seed, nets_per_chunk=10, images_per_chunk=50):
+def sample_probs(model, net, x, n_networks, seed, nets_per_chunk=None, images_per_chunk=None):
     """Softmax outputs of n_networks sampled networks on x: (n_networks, len(x), classes).
-    Networks and images go in chunks, so memory stays bounded whatever n_networks is."""
+    Networks and images go in chunks, so memory stays bounded whatever n_networks is. On a CPU,
+    small chunks (10 networks x 50 images, whose activations fit in cache) measured fastest: 79 s
+    against 104 s at 10 x 500 for 100 networks on 10,000 images; a GPU gets 100 x 500, one kernel
+    per layer for 100 networks (not measured)."""
+    small = x.device.type == "cpu"
+    nets_per_chunk = nets_per_chunk or (10 if small else 100)
+    images_per_chunk = images_per_chunk or (50 if small else 500)
     was_training = model.training
     model.eval()
     g = torch.Generator(device=x.device).manual_seed(seed)
