@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,49 +46,50 @@ import torch.nn.functional as F
 DATASETS = ("mnist", "mnist5000", "cifar10", "cifar5", "synthetic-mnist", "synthetic-cifar10")
 
 
-def opt(default, help, **argparse_kwargs):
+def option(default, help, **argparse_kwargs):
     return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 
 @dataclass
 class Config:
     # what to run
-    dataset: str = opt("mnist", "which data set", choices=DATASETS)
-    data_root: str = opt("./data", "folder holding (or receiving) the torchvision data sets")
-    download: bool = opt(True, "download missing data sets (--no-download: use --data-root as is)")
-    out_dir: str = opt("runs/hypergan", "where checkpoint.pt, best.pt and results.json go")
-    device: str = opt("auto", "auto picks cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
-    seed: int = opt(0, "seed of every random number generator of training (ours)")
-    resume: bool = opt(False, "continue from <out-dir>/checkpoint.pt (or --checkpoint)")
-    eval_only: bool = opt(False, "evaluate a checkpoint, no training (needs --checkpoint)")
-    checkpoint: str = opt("", "checkpoint to resume or evaluate (default <out-dir>/checkpoint.pt)")
-    export: tuple = opt((), "write N sampled networks as plain nn.Module state_dicts into folder PATH",
+    dataset: str = option("mnist", "which data set", choices=DATASETS)
+    data_root: str = option("./data", "folder holding (or receiving) the torchvision data sets")
+    download: bool = option(True, "download missing data sets (--no-download: use --data-root as is)")
+    out_dir: str = option("runs/hypergan", "where checkpoint.pt, best.pt and results.json go")
+    device: str = option("auto", "auto picks cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
+    seed: int = option(0, "seed of every random number generator of training (ours)")
+    resume: bool = option(False, "continue from <out-dir>/checkpoint.pt (or --checkpoint)")
+    eval_only: bool = option(False, "evaluate a checkpoint, no training (needs --checkpoint)")
+    checkpoint: str = option("", "checkpoint to evaluate (needed by --eval-only) or to resume "
+                                      "(default for --resume: <out-dir>/checkpoint.pt)")
+    export: tuple = option((), "write N sampled networks as plain nn.Module state_dicts into folder PATH",
                         nargs=2, metavar=("N", "PATH"))
-    synthetic_size: int = opt(4096, "training images of the synthetic data sets (test set: a fifth, at "
+    synthetic_size: int = option(4096, "training images of the synthetic data sets (test set: a fifth, at "
                                     "least 1024); 50000 gives CIFAR-10's size for speed checks")
     # the method (PAPER.md sections 1-4); None means the dataset's recipe in RECIPES below
-    s_dim: int = opt(256, "dimension of the noise s (official code: 256)")
-    d_dim: int = opt(128, "dimension of each layer code z_i (official MNIST code: 128)")
-    hidden: int = opt(256, "width of the hidden layers of Q, every G_i and D (official code: 512; "
+    s_dim: int = option(256, "dimension of the noise s (official code: 256)")
+    d_dim: int = option(128, "dimension of each layer code z_i (official MNIST code: 128)")
+    hidden: int = option(256, "width of the hidden layers of Q, every G_i and D (official code: 512; "
                            "ours 256: twice the steps/s on CPU and higher MNIST accuracy, measured)")
-    init_spread: float = opt(0.1, "initial size of each network's departure from the mean network, "
+    init_spread: float = option(0.1, "initial size of each network's departure from the mean network, "
                                   "relative to PyTorch's init scale (ours, measured)")
-    beta: float = opt(None, "weight of the adversarial term, Eq. (2) (ours, measured)")
-    networks_per_step: int = opt(None, "K: networks sampled per training step (official: 32 or 100)")
-    images_per_network: int = opt(None, "b: images each sampled network sees per step (ours)")
-    epochs: int = opt(None, "passes over the training set")
-    lr: float = opt(None, "Adam learning rate of Q and every G_i, cosine-decayed to 0 (ours)")
-    lr_d: float = opt(1e-4, "Adam learning rate of D (official V1 MNIST: 1e-4)")
-    pretrain_steps: int = opt(100, "mixer pre-training steps matching codes to the prior's moments; "
+    beta: float = option(None, "weight of the adversarial term, Eq. (2) (ours, measured)")
+    networks_per_step: int = option(None, "K: networks sampled per training step (official: 32 or 100)")
+    images_per_network: int = option(None, "b: images each sampled network sees per step (ours)")
+    epochs: int = option(None, "passes over the training set")
+    lr: float = option(None, "Adam learning rate of Q and every G_i, cosine-decayed to 0 (ours)")
+    lr_d: float = option(1e-4, "Adam learning rate of D (official V1 MNIST: 1e-4)")
+    pretrain_steps: int = option(100, "mixer pre-training steps matching codes to the prior's moments; "
                                    "0 turns it off (official README: on, <= 100 steps for MNIST)")
     # evaluation
-    val_size: int = opt(5000, "training images held out for checkpoint selection (ours)")
-    val_networks: int = opt(10, "networks sampled for the validation accuracy after each epoch")
-    eval_networks: int = opt(300, "networks sampled for the final test evaluation; ensembles of "
+    val_size: int = option(5000, "training images held out for checkpoint selection (ours)")
+    val_networks: int = option(10, "networks sampled for the validation accuracy after each epoch")
+    eval_networks: int = option(300, "networks sampled for the final test evaluation; ensembles of "
                                   "1, 5, 10, 100 are disjoint groups of them")
-    eval_seed: int = opt(1234, "seed of the fixed noise that samples the evaluated networks")
-    bf16: bool = opt(True, "bf16 autocast on CUDA (no effect on cpu/mps)")
-    log_every: int = opt(0, "log every this many steps (0: five lines per epoch)")
+    eval_seed: int = option(1234, "seed of the fixed noise that samples the evaluated networks")
+    bf16: bool = option(True, "bf16 autocast on CUDA (no effect on cpu/mps)")
+    log_every: int = option(0, "log every this many steps (0: five lines per epoch)")
 
 
 # The per-dataset recipe fills every None above. The MNIST and MNIST-5000 recipes are the ones
@@ -132,6 +132,10 @@ def parse_args(argv=None):
     for key, value in RECIPES[cfg.dataset].items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
+    for key, low in (("networks_per_step", 2), ("images_per_network", 1), ("epochs", 1), ("eval_networks", 1),
+                     ("val_networks", 1), ("synthetic_size", 64)):
+        if getattr(cfg, key) < low:  # BatchNorm in Q and G needs at least 2 networks per step
+            raise UserError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
     if cfg.export:
         n, path = cfg.export
         if not n.isdigit() or int(n) < 1:
@@ -147,7 +151,8 @@ def set_seed(seed):
 def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[name]:
         raise UserError(f"--device {name} was asked for but is not available here; use --device auto")
     return torch.device(name)
 
@@ -220,17 +225,19 @@ def load_data(cfg, device):
     if name == "mnist5000":
         # Deviation (official code): a fixed, seeded 5,000-image subset, not 159 fresh batches an epoch.
         train = train[:5000]
-    norm = lambda t: ((t - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)).to(device)
+    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)   # (C, 1, 1)
+    norm = lambda t: ((t - mean) / std).to(device)
     return dict(train=(norm(x[train]), y[train].to(device)), val=(norm(x[val]), y[val].to(device)),
                 test=(norm(x_test), y_test.to(device)), num_classes=num_classes, arch=arch,
-                augment=name in ("cifar10", "cifar5"))
+                augment=name in ("cifar10", "cifar5", "synthetic-cifar10"), black=norm(torch.zeros(1, 1, 1)))
 
 
-def augment_batch(x, generator=None):
+def augment_batch(x, black, generator=None):
     """CIFAR augmentation of the official code, on the device in batch: random crop 32 out of the
-    zero-padded 40x40 image, then a horizontal flip with probability 1/2. x: (B, C, H, W)."""
+    image padded by 4 black pixels (40x40), then a horizontal flip with probability 1/2.
+    x: (B, C, H, W), normalised; black: (C, 1, 1), the normalised value of a black pixel."""
     B, C, H, W = x.shape
-    padded = F.pad(x, (4, 4, 4, 4))                                           # (B, C, H+8, W+8)
+    padded = F.pad(x - black, (4, 4, 4, 4)) + black                           # (B, C, H+8, W+8)
     dy, dx = torch.randint(0, 9, (2, B, 1), device=x.device, generator=generator)
     rows = (dy + torch.arange(H, device=x.device))[:, None, :, None]          # (B, 1, H, 1)
     cols = (dx + torch.arange(W, device=x.device))[:, None, None, :]          # (B, 1, 1, W)
@@ -370,7 +377,8 @@ class HyperGAN(nn.Module):
         # Adam moves it as fast as a plain network's weights; W h is each network's departure
         # from it, started at init_spread (0.1) x the init scale. Measured on MNIST after one
         # epoch: unscaled, the initial CE is ~240 (logits explode); scaling the whole output
-        # gives 89.0 % validation accuracy; this form 95.6 % (paper_notes.md, deviation 3).
+        # gives 89.0 % validation accuracy, this form 93.4 %, and 95.6 % with init_spread 0.1 and
+        # the Adam betas below (paper_notes.md, section 3).
         self.scales = [1 / math.sqrt(math.prod(w[1:])) for w, _ in self.shapes]
         with torch.no_grad():
             for G, layer in zip(self.G, param_layers(net)):
@@ -429,16 +437,16 @@ def pretrain_mixer(model, steps, batch=1000):
     with the moments of a sampled N(0, I) batch; we use the exact moments 0 and I."""
     if steps <= 0:
         return None
-    opt = torch.optim.Adam(model.Q.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(model.Q.parameters(), lr=1e-3)
     eye = torch.eye(model.d_dim, device=next(model.parameters()).device)
     for _ in range(steps):
         z = model.codes(model.sample_s(batch)).transpose(0, 1)                # (N, batch, d)
         mean = z.mean(1)                                                      # (N, d)
         cov = (z - mean[:, None]).transpose(1, 2) @ (z - mean[:, None]) / (batch - 1)  # (N, d, d)
         loss = mean.pow(2).mean() + (cov - eye).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        optimizer.step()
     return loss.item()
 
 
@@ -451,32 +459,33 @@ def pretrain_mixer(model, steps, batch=1000):
 def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None):
     """x: (K, b, C, H, W), y: (K, b). Returns the step's statistics as tensors (no host sync).
     ddp: under torchrun, (model, D) wrapped in DistributedDataParallel (section 8), which averages
-    their gradients across processes inside backward(); otherwise None."""
+    their gradients across processes inside backward(); otherwise None and the plain modules run.
+    D's losses are computed in float32, outside the bf16 autocast."""
     opt_qg, opt_d = opts
-    qg, d_train = ddp or (model, D)
-    K = x.shape[0]
-    s = torch.randn(K, model.s_dim, device=x.device)                          # s ~ N(0, I_s)
+    model_fwd, D_fwd = ddp if ddp else (model, D)
+    s = model.sample_s(x.shape[0])                                            # s ~ N(0, I_s): (K, s_dim)
     with autocast:
-        z, theta = qg(s)                                                      # z: (K, N, d), theta per layer
-        # D step, Eq. (3): minimise Dist over D; the codes are constants here.
-        p = torch.randn_like(z)                                               # p_i ~ P = N(0, I_d)
-        d_loss = discriminator_loss(d_train, z.detach().float(), p.float())
+        z, theta = model_fwd(s)                                               # z: (K, N, d); theta per layer
+    z = z.float()
+    # D step, Eq. (3): minimise Dist over D; the codes are constants here.
+    p = torch.randn_like(z)                                                   # p_i ~ P = N(0, I_d)
+    d_loss = discriminator_loss(D_fwd, z.detach(), p)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
+    # Q, G step, Eq. (2): minimise E[CE(F(x; G(Q(s))), y)] - beta * Dist over Q and G.
     with autocast:
-        # Q, G step, Eq. (2): minimise E[CE(F(x; G(Q(s))), y)] - beta * Dist over Q and G.
         logits = functional_forward(net, theta, x)                           # (K, b, classes)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())       # Eq. (1)
-        D.requires_grad_(False)                                               # D is held fixed here
-        q_adv = mixer_adversarial_loss(D, z.float())
-        D.requires_grad_(True)
-        loss = ce + beta * q_adv
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())           # Eq. (1)
+    D.requires_grad_(False)                                                   # D is held fixed here
+    q_adv = mixer_adversarial_loss(D, z)
+    D.requires_grad_(True)
+    loss = ce + beta * q_adv
     opt_qg.zero_grad(set_to_none=True)
     loss.backward()
     opt_qg.step()
     with torch.no_grad():
-        Dp, Dz = torch.sigmoid(D(p.float())).mean(), torch.sigmoid(D(z.detach().float())).mean()
+        Dp, Dz = torch.sigmoid(D(p)).mean(), torch.sigmoid(D(z)).mean()       # the paper's D(p), D(z)
         acc = (logits.argmax(-1) == y).float().mean()
     return torch.stack([ce.detach(), d_loss.detach(), q_adv.detach(), Dp, Dz, acc])
 
@@ -487,8 +496,8 @@ STAT_NAMES = ("ce", "d_loss", "q_adv", "D(p)", "D(z)", "acc")
 def make_optimizers(model, D, cfg, total_steps):
     # Adam for Q and the G_i together, a second Adam for D (the official code: one per module).
     # Deviation: betas (0.9, 0.999) for Q and G, not the official (0.5, 0.9); against (0.5, 0.999)
-    # they gave 94.3 vs 93.5 % validation accuracy after one MNIST epoch (measured). D keeps the
-    # official 0.5. fused=True: one kernel updates all parameters; measured 118 -> 70 ms per CPU
+    # they gave 94.3 vs 93.5 % validation accuracy after one MNIST epoch (measured). D: beta1 0.5
+    # as the official code, beta2 0.999 (ours, not tuned). fused=True: one kernel updates all parameters; measured 118 -> 70 ms per CPU
     # step (hidden 512), the optimiser being the largest part of a step's cost.
     opt_qg = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True)
@@ -518,7 +527,7 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
         t_epoch = time.perf_counter()
         model.train()
         # The epoch's order depends on (seed, epoch) alone, so --resume replays it exactly.
-        g = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)  # 100_003: a prime
         order = torch.randperm(len(x_train), generator=g).to(device)
         sums, n_sum, t_log = torch.zeros(len(STAT_NAMES), device=device), 0, time.perf_counter()
         for i in range(steps_per_epoch):
@@ -526,7 +535,7 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
             idx = order[start:start + K * b]
             x = x_train[idx]
             if data["augment"]:
-                x = augment_batch(x)
+                x = augment_batch(x, data["black"])
             x, y = x.view(K, b, *x.shape[1:]), y_train[idx].view(K, b)     # network k gets x[k]
             sums += train_step(model, D, net, state["opts"], x, y, cfg.beta, autocast, ddp)
             state["sched"].step()
@@ -711,7 +720,7 @@ def restore(ckpt, cfg, model, D, state, path):
             state[k] = ckpt[k]
         torch.set_rng_state(ckpt["rng_cpu"])
         if ckpt["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"][:torch.cuda.device_count()])
 
 
 def export_networks(model, net, n, path, seed):
@@ -734,15 +743,17 @@ def export_networks(model, net, n, path, seed):
 #    processes hold the same parameters after every step. Rank 0 alone logs, validates, evaluates
 #    and writes files. A plain `python hypergan.py` never enters this section.
 # ---------------------------------------------------------------------------------------------
-def init_distributed():
-    """Returns (rank, world_size); joins the process group only when torchrun started us."""
+def init_distributed(device):
+    """Returns (rank, world_size, device); joins the process group only when torchrun started us:
+    NCCL between GPUs (one per process), gloo between CPU processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1
+        return 0, 1, device
     import torch.distributed as dist
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def wrap_distributed(model, D, device):
@@ -762,14 +773,16 @@ def parameter_checksum(*modules):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes, Linux: KiB
 
 
 def run(cfg):
-    rank, world = init_distributed()
-    device = pick_device(cfg.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    rank, world, device = init_distributed(pick_device(cfg.device))
     set_seed(cfg.seed)
     ckpt_path = cfg.checkpoint or os.path.join(cfg.out_dir, "checkpoint.pt")
     if cfg.eval_only and not cfg.checkpoint:
@@ -818,6 +831,8 @@ def run(cfg):
         best = os.path.join(cfg.out_dir, "best.pt")
         if os.path.isfile(best):  # evaluate the epoch that was best on the validation split
             model.load_state_dict(load_checkpoint(best)["model"])
+    if rank != 0:
+        return None
     history = ckpt["history"] if cfg.eval_only else state["history"]
     t0 = time.perf_counter()
     result = evaluate(model, net, *data["test"], cfg.eval_networks, seed=cfg.eval_seed)
@@ -840,7 +855,7 @@ def run(cfg):
     print(f"training: {results['steps_per_second'] or 0:.1f} steps/s, "
           f"{results['networks_x_images_per_second'] or 0:.0f} networks x images/s, "
           f"{results['seconds_per_epoch'] or 0:.1f} s/epoch; evaluation {eval_seconds:.1f} s; "
-          f"peak memory {results['peak_memory_mb']:.0f} MB")
+          f"peak memory {results['peak_memory_mb'] or 0:.0f} MB")
     with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
     os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))

@@ -174,14 +174,21 @@ def test_ensemble_metrics_by_hand():
         pytest.approx(0.4)
 
 
-def test_augment_keeps_shape_and_content():
-    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float).view(2, 3, 32, 32)
-    out = H.augment_batch(x, torch.Generator().manual_seed(0))
+def test_augment_crops_and_flips_rows_of_the_padded_image():
+    # every pixel holds its column number 1..32; padding is -1 ("black")
+    x = torch.arange(1.0, 33.0).expand(64, 3, 32, 32).clone()
+    out = H.augment_batch(x, torch.full((3, 1, 1), -1.0), torch.Generator().manual_seed(0))
     assert out.shape == x.shape
-    # every output pixel is an input pixel of the same image and channel, or zero padding
-    for i in range(2):
-        for c in range(3):
-            assert set(out[i, c].flatten().tolist()) <= set(x[i, c].flatten().tolist()) | {0.0}
+    flips = 0
+    for img in out:
+        row = img[0, 16]
+        inside = row[row > 0]
+        steps = (inside[1:] - inside[:-1]).unique().tolist()
+        assert steps in ([1.0], [-1.0]), row            # a contiguous run of columns, maybe reversed
+        assert 28 <= len(inside) <= 32 and set(row[row <= 0].tolist()) <= {-1.0}
+        assert (img[:, 4:28] == row).all()               # the same shift for every inner row and channel
+        flips += steps == [-1.0]
+    assert 0 < flips < 64                                # both flipped and unflipped images occur
 
 
 # ----- the command line, end to end ------------------------------------------------------------
@@ -246,6 +253,8 @@ def one_line_error(r):
 def test_unknown_dataset_and_option():
     assert "invalid choice" in one_line_error(cli("--dataset", "imagenet", check=False))
     assert "--frobnicate" in one_line_error(cli("--frobnicate", check=False))
+    assert "--networks-per-step" in one_line_error(cli(*FAST, "--networks-per-step", "1", check=False))
+    assert "positive number" in one_line_error(cli(*FAST, "--export", "x", "nets", check=False))
 
 
 def test_missing_data_offline(tmp_path):
