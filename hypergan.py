@@ -74,7 +74,7 @@ class Config:
                            "ours 256: twice the steps/s on CPU and higher MNIST accuracy, measured)")
     init_spread: float = option(0.1, "initial size of each network's departure from the mean network, "
                                   "relative to PyTorch's init scale (ours, measured)")
-    beta: float = option(None, "weight of the adversarial term, Eq. (2) (ours, measured)")
+    beta: float = option(None, "weight of the adversarial term, Eq. (2) (ours: 1; 10 tried, paper_notes.md)")
     networks_per_step: int = option(None, "K: networks sampled per training step (official: 32 or 100)")
     images_per_network: int = option(None, "b: images each sampled network sees per step (ours)")
     epochs: int = option(None, "passes over the training set")
@@ -197,8 +197,9 @@ def torchvision_split(name, root, train, download):
 
 def load_data(cfg, device):
     """Returns dict(train=(x, y), val=(x, y), test=(x, y), num_classes, arch, augment).
-    The validation split is held out of the training set with a fixed generator (seed 0), so it
-    is the same images whatever --seed says; the test set is never used for selection."""
+    Deviation (official code selected on the test set): the validation split is held out of the
+    training set with a fixed generator (seed 0), so it is the same images whatever --seed says;
+    the test set is never used for selection."""
     name = cfg.dataset
     if name.startswith("synthetic"):
         shape = (1, 28, 28) if name == "synthetic-mnist" else (3, 32, 32)
@@ -253,7 +254,7 @@ def augment_batch(x, black, generator=None):
 # ---------------------------------------------------------------------------------------------
 def small_net(num_classes=10):
     """MNIST target of the official code: conv 1->32 5x5, conv 32->32 5x5, linear 512->10.
-    Max-pooling is written before the activation: for a non-decreasing activation f,
+    Deviation (exact): max-pooling is written before the activation; for a non-decreasing f,
     max(f(a), f(b)) = f(max(a, b)), so this equals conv->act->pool with a 4x smaller activation."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01),      # (B, 32, 12, 12)
@@ -574,8 +575,8 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Evaluation (Table 2's shape). BatchNorm of Q and G in eval mode, so one network can be
-#    sampled alone (the official code kept training mode and needed a batch of 32); the noise comes
+# 6. Evaluation (Table 2's shape). Deviation: BatchNorm of Q and G in eval mode, so one network can
+#    be sampled alone (the official code kept training mode and needed a batch of 32); the noise comes
 #    from a fixed generator, so every checkpoint is judged on the same s.
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
