@@ -18,8 +18,9 @@ Test:  python -m pytest -q test_hypergan.py
 Measured results (the paper's Table 2 beside ours) and every choice the paper leaves open are in
 paper_notes.md; each figure there names its command, hardware, wall time and seeds.
 Sections follow the paper and read top to bottom:
-  0 config · 1 data · 2 target networks · 3 mixer, generators, discriminator · 4 losses
-  · 5 training · 6 evaluation · 7 checkpoints and export · 8 torchrun (optional) · 9 main
+  0 config · 1 data · 2 target networks · 3 mixer, generators, discriminator (and the baselines)
+  · 4 losses · 5 training · 6 evaluation · 6b uncertainty: OOD and adversarial detection
+  · 7 checkpoints and export · 8 torchrun (optional) · 9 the 1D toy · 10 figures and --compare · 11 main
 
 Glossary: s noise, Q mixer, z codes (K, N, d), G_i generator of layer i, theta generated
 parameters, D discriminator, P prior N(0, I_d), beta weight of the adversarial term,
@@ -43,7 +44,10 @@ import torch.nn.functional as F
 # 0. Configuration. One dataclass; the command line is built from it (see `parse_args`).
 #    Every default says where it comes from: the paper, the official code, or us (measured).
 # ---------------------------------------------------------------------------------------------
-DATASETS = ("mnist", "mnist5000", "cifar10", "cifar5", "synthetic-mnist", "synthetic-cifar10")
+DATASETS = ("mnist", "mnist5000", "mnist0-4", "cifar10", "cifar5", "synthetic-mnist", "synthetic-cifar10", "toy")
+METHODS = ("hypergan", "ensemble", "dropout")
+# Out-of-distribution sets for --ood (section 6b). 'noise' (uniform random pixels) needs no download.
+OOD_SETS = ("mnist5-9", "fashionmnist", "kmnist", "notmnist", "cifar5-9", "svhn", "noise")
 
 
 def option(default, help, **argparse_kwargs):
@@ -53,7 +57,11 @@ def option(default, help, **argparse_kwargs):
 @dataclass
 class Config:
     # what to run
-    dataset: str = option("mnist", "which data set", choices=DATASETS)
+    dataset: str = option("mnist", "which data set (mnist0-4: digits 0-4 only, for --ood mnist5-9; "
+                                   "toy: the 1D regression of section 9)", choices=DATASETS)
+    method: str = option("hypergan", "hypergan, or a baseline through the same training and evaluation "
+                                     "code: ensemble (independently initialised networks, Table 2's 'Random "
+                                     "Start'), dropout (MC dropout)", choices=METHODS)
     data_root: str = option("./data", "folder holding (or receiving) the torchvision data sets")
     download: bool = option(True, "download missing data sets (--no-download: use --data-root as is)")
     out_dir: str = option("runs/hypergan", "where checkpoint.pt, best.pt and results.json go")
@@ -72,14 +80,17 @@ class Config:
     d_dim: int = option(128, "dimension of each layer code z_i (official MNIST code: 128)")
     hidden: int = option(256, "width of the hidden layers of Q, every G_i and D (official code: 512; "
                            "ours 256: twice the steps/s on CPU and higher MNIST accuracy, measured)")
-    init_spread: float = option(0.1, "initial size of each network's departure from the mean network, "
-                                  "relative to PyTorch's init scale (ours, measured)")
+    init_spread: float = option(None, "initial size of each network's departure from the mean network, "
+                                   "relative to PyTorch's init scale (ours, measured: 0.1; toy 1.0)")
     beta: float = option(None, "weight of the adversarial term, Eq. (2) (ours: 1; 10 tried, paper_notes.md)")
     networks_per_step: int = option(None, "K: networks sampled per training step (official: 32 or 100)")
     images_per_network: int = option(None, "b: images each sampled network sees per step (ours)")
     epochs: int = option(None, "passes over the training set")
     lr: float = option(None, "Adam learning rate of Q and every G_i, cosine-decayed to 0 (ours)")
     lr_d: float = option(1e-4, "Adam learning rate of D (official V1 MNIST: 1e-4)")
+    mixer: bool = option(True, "--no-mixer: ablation (Fig. 7), no Q; each G_i gets its own independent "
+                               "noise z_i ~ N(0, I_d)")
+    dropout: float = option(0.2, "dropout rate after every hidden layer, --method dropout only (ours)")
     pretrain_steps: int = option(100, "mixer pre-training steps matching codes to the prior's moments; "
                                    "0 turns it off (official README: on, <= 100 steps for MNIST)")
     # evaluation
@@ -88,21 +99,47 @@ class Config:
     eval_networks: int = option(300, "networks sampled for the final test evaluation; ensembles of "
                                   "1, 5, 10, 100 are disjoint groups of them")
     eval_seed: int = option(1234, "seed of the fixed noise that samples the evaluated networks")
+    # uncertainty (section 6b); off unless asked for
+    ood: str = option("", "out-of-distribution sets to detect, comma-separated: " + ", ".join(OOD_SETS))
+    adversarial: bool = option(False, "FGSM and PGD attacks on the evaluation ensemble, and their detection")
+    epsilons: str = option("0.01,0.03,0.08,0.1,0.3", "L-inf attack sizes in [0, 1] pixel units, comma-separated")
+    pgd_steps: int = option(10, "iterations of PGD (step 2.5 * eps / steps, random start)")
+    adv_images: int = option(1000, "test images attacked (the first ones of the test set)")
+    uq_networks: int = option(10, "ensemble size for OOD and adversarial detection (official MNIST code: 10)")
+    figures: bool = option(True, "draw PNG figures into --out-dir (needs matplotlib)")
+    compare: tuple = option((), "no training: read DIR/results.json of finished runs, print their "
+                                "uncertainty side by side (seeds of one setting pooled) and draw figures",
+                            nargs="+", metavar="DIR")
     bf16: bool = option(True, "bf16 autocast on CUDA (no effect on cpu/mps)")
     log_every: int = option(0, "log every this many steps (0: five lines per epoch)")
+
+    def ood_sets(self):
+        return [name.strip() for name in self.ood.split(",") if name.strip()]
+
+    def epsilon_list(self):
+        return [float(e) for e in self.epsilons.split(",") if e.strip()]
 
 
 # The per-dataset recipe fills every None above. The MNIST and MNIST-5000 recipes are the ones
 # measured in paper_notes.md (section 3); the CIFAR ones are untested starting points (no CIFAR
 # copy was reachable when they were written); the synthetic ones are sized for the tests.
 RECIPES = {
-    "mnist":      dict(epochs=20, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0),
-    "mnist5000":  dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0),
-    "cifar10":    dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0),
-    "cifar5":     dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0),
-    "synthetic-mnist":   dict(epochs=3, networks_per_step=8, images_per_network=8, lr=1e-3, beta=1.0),
-    "synthetic-cifar10": dict(epochs=3, networks_per_step=8, images_per_network=8, lr=1e-3, beta=1.0),
+    "mnist":      dict(epochs=20, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
+    "mnist5000":  dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
+    "cifar10":    dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
+    "cifar5":     dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
+    "synthetic-mnist":   dict(epochs=3, networks_per_step=8, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
+    "synthetic-cifar10": dict(epochs=3, networks_per_step=8, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
+    # the 1D toy: one epoch = one step in which every network sees all 20 points (section 9)
+    # (init_spread 1.0: spread outside [-4, 4] 6.2 against 1.7 at 0.1, MSE on the points 8.5 vs 8.1, measured)
+    "toy":        dict(epochs=2000, networks_per_step=32, images_per_network=20, lr=1e-3, beta=1.0, init_spread=1.0),
 }
+RECIPES["mnist0-4"] = RECIPES["mnist"]
+# The baselines change K and b (the epochs stay the dataset's): the standard ensemble has
+# K = 10 members (the official code's standard ensembles: 5 and 10), each seeing b = 32 images a
+# step and the whole training set every epoch; MC dropout is one network on K*b = 128 images a step.
+METHOD_RECIPES = {"ensemble": dict(networks_per_step=10, images_per_network=32),
+                  "dropout": dict(networks_per_step=16, images_per_network=8)}
 
 
 class UserError(Exception):
@@ -123,17 +160,18 @@ def parse_args(argv=None):
         if isinstance(f.default, bool):  # --resume; --download / --no-download
             action = argparse.BooleanOptionalAction if f.default else "store_true"
             p.add_argument(flag, action=action, default=f.default, **kw)
-        elif f.name == "export":
+        elif "nargs" in kw:  # --export N PATH, --compare DIR ...
             p.add_argument(flag, default=f.default, **kw)
         else:
             t = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=t, default=f.default, **kw)
     cfg = Config(**vars(p.parse_args(argv)))
-    for key, value in RECIPES[cfg.dataset].items():
+    for key, value in {**RECIPES[cfg.dataset], **METHOD_RECIPES.get(cfg.method, {})}.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
     for key, low in (("networks_per_step", 2), ("images_per_network", 1), ("epochs", 1), ("eval_networks", 1),
-                     ("val_networks", 1), ("synthetic_size", 64)):
+                     ("val_networks", 1), ("synthetic_size", 64), ("uq_networks", 2), ("pgd_steps", 1),
+                     ("adv_images", 1)):
         if getattr(cfg, key) < low:  # BatchNorm in Q and G needs at least 2 networks per step
             raise UserError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
     if cfg.export:
@@ -141,6 +179,15 @@ def parse_args(argv=None):
         if not n.isdigit() or int(n) < 1:
             raise UserError(f"--export N PATH needs a positive number of networks, got {n!r}")
         cfg.export = (int(n), path)
+    unknown = set(cfg.ood_sets()) - set(OOD_SETS)
+    if unknown:
+        raise UserError(f"unknown --ood set {sorted(unknown)[0]!r}; choose from {', '.join(OOD_SETS)}")
+    try:
+        assert all(0 < e <= 1 for e in cfg.epsilon_list())
+    except (ValueError, AssertionError):
+        raise UserError(f"--epsilons must be comma-separated numbers in (0, 1], got {cfg.epsilons!r}")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     return cfg
 
 
@@ -178,25 +225,76 @@ def synthetic_split(shape, num_classes, n, seed):
     x = torch.stack([torch.roll(patterns[c], shifts=(int(sy), int(sx)), dims=(1, 2)) for c, sy, sx in
                      zip(y.tolist(), *torch.randint(-2, 3, (2, n), generator=g))])
     x = x + 0.8 * torch.randn(n, C, H, W, generator=g)
-    return x, y
+    return (x / 6 + 0.5).clamp(0, 1), y              # pixels in [0, 1] like real images (mean 1/2, std ~1/6)
 
 
 def torchvision_split(name, root, train, download):
     import torchvision  # only the real data sets need it
-    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    cls = dict(mnist=torchvision.datasets.MNIST, cifar10=torchvision.datasets.CIFAR10,
+               fashionmnist=torchvision.datasets.FashionMNIST, kmnist=torchvision.datasets.KMNIST,
+               svhn=torchvision.datasets.SVHN)[name]
     try:
-        ds = cls(root, train=train, download=download)
+        ds = (cls(root, split="train" if train else "test", download=download) if name == "svhn" else
+              cls(root, train=train, download=download))
     except Exception as e:  # torchvision raises RuntimeError offline, URLError when downloads fail
         how = ("pass --no-download only when --data-root already holds it" if not download else
                "check the network, or put the files there and pass --no-download")
         raise UserError(f"could not load {name} from {root!r} ({type(e).__name__}: {str(e).splitlines()[0]}); {how}")
     x = torch.as_tensor(ds.data)
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)   # (n, C, H, W) uint8
-    return x.float().div(255), torch.as_tensor(ds.targets).long()
+    x = x.unsqueeze(1) if x.dim() == 3 else x if name == "svhn" else x.permute(0, 3, 1, 2)  # (n, C, H, W)
+    return x.float().div(255), torch.as_tensor(ds.labels if name == "svhn" else ds.targets).long()
+
+
+def notmnist_images(root):
+    """notMNIST_small (letters A-J in 28x28 grey PNGs, one folder per letter) from
+    <root>/notMNIST_small, if it is there: (n, 1, 28, 28) in [0, 1], or None. Unreadable files
+    (the public archive holds a few) are skipped."""
+    from PIL import Image  # comes with torchvision
+    from torchvision.transforms.functional import pil_to_tensor
+    folder = os.path.join(root, "notMNIST_small")
+    if not os.path.isdir(folder):
+        return None
+    images = []
+    for letter in sorted(os.listdir(folder)):
+        for name in sorted(os.listdir(os.path.join(folder, letter))) if os.path.isdir(os.path.join(folder, letter)) else []:
+            try:
+                with Image.open(os.path.join(folder, letter, name)) as im:
+                    images.append(pil_to_tensor(im.convert("L")))
+            except (OSError, ValueError):
+                continue
+    return torch.stack(images).float().div(255) if images else None
+
+
+def load_ood(name, cfg, data, raw_test_held_out):
+    """Images of OOD set `name`, normalised as the training data, or None when the set is
+    optional and absent (notMNIST). The model never sees them in training."""
+    shape = tuple(data["test"][0].shape[1:])
+    need = dict(fashionmnist=(1, 28, 28), kmnist=(1, 28, 28), notmnist=(1, 28, 28), svhn=(3, 32, 32))
+    if name in need and need[name] != shape:
+        raise UserError(f"--ood {name} holds {need[name]} images, --dataset {cfg.dataset} has {shape}")
+    if name in ("mnist5-9", "cifar5-9"):
+        home = dict(mnist="mnist0-4", cifar="cifar5")[name[:5]]
+        if cfg.dataset != home:
+            raise UserError(f"--ood {name} is the test images of the classes held out of training: "
+                            f"it needs --dataset {home}")
+        x = raw_test_held_out
+    elif name == "notmnist":
+        x = notmnist_images(cfg.data_root)
+        if x is None:
+            print(f"ood notmnist: skipped, no readable images under {os.path.join(cfg.data_root, 'notMNIST_small')} "
+                  f"(unpack notMNIST_small.tar.gz there to use it)")
+            return None
+    elif name == "noise":  # uniform random pixels, as many as the test set (no download)
+        g = torch.Generator().manual_seed(3)
+        x = torch.rand(len(data["test"][0]), *shape, generator=g)
+    else:
+        x = torchvision_split(name, cfg.data_root, False, cfg.download)[0]
+    return data["normalise"](x)
 
 
 def load_data(cfg, device):
-    """Returns dict(train=(x, y), val=(x, y), test=(x, y), num_classes, arch, augment).
+    """Returns dict(train=(x, y), val=(x, y), test=(x, y), ood={name: x}, num_classes, arch,
+    augment, black, mean, std, normalise).
     Deviation (official code selected on the test set): the validation split is held out of the
     training set with a fixed generator (seed 0), so it is the same images whatever --seed says;
     the test set is never used for selection."""
@@ -205,7 +303,7 @@ def load_data(cfg, device):
         shape = (1, 28, 28) if name == "synthetic-mnist" else (3, 32, 32)
         x, y = synthetic_split(shape, 10, cfg.synthetic_size, seed=1)
         x_test, y_test = synthetic_split(shape, 10, max(1024, cfg.synthetic_size // 5), seed=2)
-        mean, std = (0.0,) * shape[0], (1.0,) * shape[0]   # already zero-mean, unit-noise
+        mean, std = (0.5,) * shape[0], (1 / 6,) * shape[0]  # back to the generated scale
         arch = "small" if shape[0] == 1 else "mednet"
         val_size = min(cfg.val_size, 512)
     else:
@@ -215,9 +313,10 @@ def load_data(cfg, device):
         mean, std = (MNIST_MEAN, MNIST_STD) if base == "mnist" else (CIFAR_MEAN, CIFAR_STD)
         arch = "small" if base == "mnist" else "mednet"
         val_size = cfg.val_size
-    num_classes = 10
-    if name == "cifar5":  # CIFAR-5 = the first five classes of CIFAR-10 (Table 2 caption)
+    num_classes, held_out = 10, None
+    if name in ("cifar5", "mnist0-4"):  # CIFAR-5 = the first five classes of CIFAR-10 (Table 2 caption)
         keep, keep_test = y < 5, y_test < 5
+        held_out = x_test[~keep_test]                  # classes 5-9: --ood cifar5-9 / mnist5-9
         x, y, x_test, y_test, num_classes = x[keep], y[keep], x_test[keep_test], y_test[keep_test], 5
     if not 0 < val_size < len(x):
         raise UserError(f"--val-size must be between 1 and {len(x) - 1}, got {val_size}")
@@ -228,9 +327,17 @@ def load_data(cfg, device):
         train = train[:5000]
     mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)   # (C, 1, 1)
     norm = lambda t: ((t - mean) / std).to(device)
-    return dict(train=(norm(x[train]), y[train].to(device)), val=(norm(x[val]), y[val].to(device)),
+    data = dict(train=(norm(x[train]), y[train].to(device)), val=(norm(x[val]), y[val].to(device)),
                 test=(norm(x_test), y_test.to(device)), num_classes=num_classes, arch=arch,
-                augment=name in ("cifar10", "cifar5", "synthetic-cifar10"), black=norm(torch.zeros(1, 1, 1)))
+                augment=name in ("cifar10", "cifar5", "synthetic-cifar10"), black=norm(torch.zeros(1, 1, 1)),
+                mean=mean.to(device), std=std.to(device), normalise=norm)
+    # OOD sets load now, before training, so a missing one fails in seconds, not after the run.
+    data["ood"] = {}
+    for ood_name in cfg.ood_sets():
+        x_ood = load_ood(ood_name, cfg, data, held_out)
+        if x_ood is not None:
+            data["ood"][ood_name] = x_ood
+    return data
 
 
 def augment_batch(x, black, generator=None):
@@ -252,27 +359,38 @@ def augment_batch(x, black, generator=None):
 # 2. Target networks F(x; theta) (PAPER.md section 3). Each is an ordinary nn.Sequential: it is
 #    what `--export` fills with one sampled theta. `functional_forward` runs K of them at once.
 # ---------------------------------------------------------------------------------------------
-def small_net(num_classes=10):
+def dropout_layer(p):
+    """[nn.Dropout(p)] for --method dropout (MC dropout: on at test time too, see
+    functional_forward), else nothing: HyperGAN and the ensemble have no dropout."""
+    return [nn.Dropout(p)] if p > 0 else []
+
+
+def small_net(num_classes=10, p=0.0):
     """MNIST target of the official code: conv 1->32 5x5, conv 32->32 5x5, linear 512->10.
     Deviation (exact): max-pooling is written before the activation; for a non-decreasing f,
     max(f(a), f(b)) = f(max(a, b)), so this equals conv->act->pool with a 4x smaller activation."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01),      # (B, 32, 12, 12)
-        nn.Conv2d(32, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01),     # (B, 32, 4, 4)
+        nn.Conv2d(1, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *dropout_layer(p),     # (B, 32, 12, 12)
+        nn.Conv2d(32, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *dropout_layer(p),    # (B, 32, 4, 4)
         nn.Flatten(), nn.Linear(512, num_classes))
 
 
-def mednet(num_classes=10):
+def mednet(num_classes=10, p=0.0):
     """CIFAR target of the paper era (official V1 'mednet'): conv 16/32/32 3x3 without padding,
     each followed by pooling, then linear 128->64->classes."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3), nn.MaxPool2d(2), nn.ReLU(),               # (B, 16, 15, 15)
-        nn.Conv2d(16, 32, 3), nn.MaxPool2d(2), nn.ReLU(),              # (B, 32, 6, 6)
-        nn.Conv2d(32, 32, 3), nn.MaxPool2d(2), nn.ReLU(),              # (B, 32, 2, 2)
-        nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, num_classes))
+        nn.Conv2d(3, 16, 3), nn.MaxPool2d(2), nn.ReLU(), *dropout_layer(p),              # (B, 16, 15, 15)
+        nn.Conv2d(16, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *dropout_layer(p),             # (B, 32, 6, 6)
+        nn.Conv2d(32, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *dropout_layer(p),             # (B, 32, 2, 2)
+        nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), *dropout_layer(p), nn.Linear(64, num_classes))
 
 
-TARGETS = {"small": small_net, "mednet": mednet}
+def toy_net(num_classes=1, p=0.0):
+    """The 1D toy's target (official V1): x -> 200 ELU units -> y."""
+    return nn.Sequential(nn.Linear(1, 200), nn.ELU(), *dropout_layer(p), nn.Linear(200, 1))
+
+
+TARGETS = {"small": small_net, "mednet": mednet, "toy": toy_net}
 
 
 def param_layers(net):
@@ -330,8 +448,10 @@ def functional_forward(net, theta, x):
             if h.dim() == 2:                                        # shared (B, I) input of an MLP
                 h = h.expand(K, *h.shape)
             h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))  # (K, B, O) = h W^T + b
-        else:
-            h = layer(h)                                            # activation / pooling / dropout
+        elif isinstance(layer, nn.Dropout):                        # MC dropout: always on, also when
+            h = F.dropout(h, layer.p, training=True)               # evaluating; each network and image
+        else:                                                       # gets its own mask
+            h = layer(h)                                            # activation / pooling
     return h                                                        # (K, B, classes)
 
 
@@ -363,12 +483,17 @@ class HyperGAN(nn.Module):
     forward(s) = (z, theta): everything Eq. (2) trains. The discriminator is `discriminator` below.
     """
 
-    def __init__(self, net, s_dim=256, d_dim=128, hidden=256, init_spread=0.1):
+    max_networks = math.inf  # any number of networks can be sampled
+
+    def __init__(self, net, s_dim=256, d_dim=128, hidden=256, init_spread=0.1, mixer=True):
         super().__init__()
-        self.s_dim, self.d_dim = s_dim, d_dim
         self.shapes = [(tuple(m.weight.shape), tuple(m.bias.shape)) for m in param_layers(net)]
         N = len(self.shapes)
-        self.Q = mlp([s_dim, hidden, hidden, N * d_dim], nn.ReLU, batchnorm=True)
+        if mixer:
+            self.Q = mlp([s_dim, hidden, hidden, N * d_dim], nn.ReLU, batchnorm=True)
+        else:  # ablation (Fig. 7): no mixer, s itself is the N independent codes z_i ~ N(0, I_d)
+            self.Q, s_dim = nn.Identity(), N * d_dim
+        self.s_dim, self.d_dim = s_dim, d_dim
         # Biases are generated too (as the 2019 official code): each G_i outputs weight ‖ bias.
         self.G = nn.ModuleList(mlp([d_dim, hidden, hidden, math.prod(w) + math.prod(b)], nn.ELU, batchnorm=True)
                                for w, b in self.shapes)
@@ -407,6 +532,66 @@ class HyperGAN(nn.Module):
         z = self.codes(s)
         return z, self.generate(z)
 
+    def sample(self, n, generator=None, first=0):
+        """theta of n new networks (`first` matters only to the standard ensemble's fixed members)."""
+        return self.generate(self.codes(self.sample_s(n, generator)))
+
+
+# The two baselines of issue 3 (Table 2's "Random Start" and "MC Dropout") expose the same
+# sample(n) -> theta as HyperGAN, so training (section 5) and evaluation (section 6) are shared.
+class StandardEnsemble(nn.Module):
+    """M independently initialised target networks ("Random Start"), each parameter stored as one
+    (M, *shape) stack, so `functional_forward` trains and runs all members at once. Network k of
+    any sample is member first+k: the ensemble is fixed, nothing is drawn."""
+
+    def __init__(self, net, members):
+        super().__init__()
+        self.max_networks = members
+        stacks = [[] for _ in param_layers(net)]
+        for _ in range(members):
+            for stack, layer in zip(stacks, param_layers(net)):
+                layer.reset_parameters()                                      # a fresh default init
+                stack.append((layer.weight.detach().clone(), layer.bias.detach().clone()))
+        self.params = nn.ParameterList(nn.Parameter(torch.stack(t)) for stack in stacks for t in zip(*stack))
+
+    def sample(self, n, generator=None, first=0):
+        if first + n > self.max_networks:
+            raise UserError(f"the standard ensemble has {self.max_networks} members; networks "
+                            f"{first}..{first + n - 1} were asked for (lower --uq-networks or raise K)")
+        p = [t[first:first + n] for t in self.params]
+        return list(zip(p[0::2], p[1::2]))                                    # [(weight, bias)] per layer
+
+    forward = sample
+
+
+class MCDropout(nn.Module):
+    """One target network whose hidden layers are followed by dropout, kept on at test time
+    (Gal & Ghahramani, 2016): a 'sampled network' is a dropout mask. sample(n) returns the same
+    parameters n times (a view, no copy); functional_forward draws the masks."""
+    max_networks = math.inf
+
+    def __init__(self, net):
+        super().__init__()
+        self.params = nn.ParameterList(nn.Parameter(t.detach().clone()) for layer in param_layers(net)
+                                       for t in (layer.weight, layer.bias))
+
+    def sample(self, n, generator=None, first=0):
+        p = [t.expand(n, *t.shape) for t in self.params]
+        return list(zip(p[0::2], p[1::2]))
+
+    forward = sample
+
+
+def build_model(cfg, net):
+    """The distribution over target networks that this run trains, and its discriminator (None for the
+    baselines, which have neither codes nor a prior)."""
+    if cfg.method == "ensemble":
+        return StandardEnsemble(net, cfg.networks_per_step), None
+    if cfg.method == "dropout":
+        return MCDropout(net), None
+    return (HyperGAN(net, cfg.s_dim, cfg.d_dim, cfg.hidden, cfg.init_spread, cfg.mixer),
+            discriminator(cfg.d_dim, cfg.hidden))
+
 
 def discriminator(d_dim=128, hidden=256):
     """D: a layer code (.., d) -> one logit; the paper's D(x) is sigmoid(logit). One D is shared
@@ -437,7 +622,7 @@ def pretrain_mixer(model, steps, batch=1000):
     """Optional (official README: on): before training, fit Q so that each layer code z_i has the
     prior's mean 0 and covariance I over a batch of noise. Deviation: the official code compares
     with the moments of a sampled N(0, I) batch; we use the exact moments 0 and I."""
-    if steps <= 0:
+    if steps <= 0 or isinstance(model.Q, nn.Identity):   # nothing to fit without a mixer
         return None
     optimizer = torch.optim.Adam(model.Q.parameters(), lr=1e-3)
     eye = torch.eye(model.d_dim, device=next(model.parameters()).device)
@@ -458,13 +643,32 @@ def pretrain_mixer(model, steps, batch=1000):
 #    step covers K*b distinct images for the cost of K*b network-image passes; the official code
 #    shows one batch to all networks. Both estimate the same expectation of Eq. (1).
 # ---------------------------------------------------------------------------------------------
-def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None):
-    """x: (K, b, C, H, W), y: (K, b). Returns the step's statistics as tensors (no host sync).
+def classification_loss(out, y):
+    """Eq. (1): cross-entropy of every network on its images, and their accuracy. out: (K, b, classes)."""
+    return F.cross_entropy(out.flatten(0, 1).float(), y.flatten()), (out.argmax(-1) == y).float().mean()
+
+
+def regression_loss(out, y):
+    """The 1D toy's loss: mean squared error (no accuracy; 0 is logged). out: (K, b, 1)."""
+    return F.mse_loss(out.squeeze(-1).float(), y), torch.zeros((), device=y.device)
+
+
+def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None, task_loss=classification_loss):
+    """x: (K, b, C, H, W), y: (K, b). Returns the step's statistics as tensors (no host sync):
+    STAT_NAMES for HyperGAN, BASELINE_STAT_NAMES for the baselines (D is None: Eq. (1) alone).
     ddp: under torchrun, (model, D) wrapped in DistributedDataParallel (section 8), which averages
     their gradients across processes inside backward(); otherwise None and the plain modules run.
     D's losses are computed in float32, outside the bf16 autocast."""
     opt_qg, opt_d = opts
     model_fwd, D_fwd = ddp if ddp else (model, D)
+    if D is None:                                                             # the baselines
+        with autocast:
+            out = functional_forward(net, model_fwd(x.shape[0]), x)           # (K, b, classes)
+        loss, acc = task_loss(out, y)
+        opt_qg.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_qg.step()
+        return torch.stack([loss.detach(), acc])
     s = model.sample_s(x.shape[0])                                            # s ~ N(0, I_s): (K, s_dim)
     with autocast:
         z, theta = model_fwd(s)                                               # z: (K, N, d); theta per layer
@@ -477,8 +681,8 @@ def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None):
     opt_d.step()
     # Q, G step, Eq. (2): minimise E[CE(F(x; G(Q(s))), y)] - beta * Dist over Q and G.
     with autocast:
-        logits = functional_forward(net, theta, x)                           # (K, b, classes)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())           # Eq. (1)
+        out = functional_forward(net, theta, x)                               # (K, b, classes)
+    ce, acc = task_loss(out, y)                                               # Eq. (1)
     D.requires_grad_(False)                                                   # D is held fixed here
     q_adv = mixer_adversarial_loss(D, z)
     D.requires_grad_(True)
@@ -488,11 +692,11 @@ def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None):
     opt_qg.step()
     with torch.no_grad():
         Dp, Dz = torch.sigmoid(D(p)).mean(), torch.sigmoid(D(z)).mean()       # the paper's D(p), D(z)
-        acc = (logits.argmax(-1) == y).float().mean()
     return torch.stack([ce.detach(), d_loss.detach(), q_adv.detach(), Dp, Dz, acc])
 
 
 STAT_NAMES = ("ce", "d_loss", "q_adv", "D(p)", "D(z)", "acc")
+BASELINE_STAT_NAMES = ("ce", "acc")
 
 
 def make_optimizers(model, D, cfg, total_steps):
@@ -502,13 +706,25 @@ def make_optimizers(model, D, cfg, total_steps):
     # as the official code, beta2 0.999 (ours, not tuned). fused=True: one kernel updates all
     # parameters; measured 118 -> 70 ms per CPU step (hidden 512), the optimiser being the largest
     # part of a step's cost.
+    # The baselines get the same Adam and schedule for their networks' parameters.
     opt_qg = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True) if D else None
     # Deviation (ours): cosine decay of Q and G's rate to 0 over the run (the official code keeps
     # it constant or restarts it every 10 epochs); it decides the final accuracy in a short run.
     cosine = lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt_qg, cosine)
     return (opt_qg, opt_d), sched
+
+
+def epoch_layout(cfg, n, world=1):
+    """(steps per epoch, data orders per epoch, images per process and step) for n training images.
+    HyperGAN and dropout: one order, a step takes K*b images of it. Standard ensemble: every member
+    walks its own order of the whole training set, b images a step, as an independently trained
+    network would; so one epoch is K times the network-image passes of a HyperGAN epoch."""
+    K, b = cfg.networks_per_step, cfg.images_per_network
+    if cfg.method == "ensemble":
+        return n // (b * world), K, b
+    return n // (K * b * world), 1, K * b
 
 
 def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
@@ -518,28 +734,31 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
     validates and writes checkpoints."""
     x_train, y_train = data["train"]
     K, b = cfg.networks_per_step, cfg.images_per_network
-    steps_per_epoch = len(x_train) // (K * b * world)
+    steps_per_epoch, rows, per_process = epoch_layout(cfg, len(x_train), world)
     if steps_per_epoch == 0:
-        raise UserError(f"the training set ({len(x_train)} images) is smaller than one step's K*b = {K * b * world}")
+        raise UserError(f"the training set ({len(x_train)} images) is smaller than one step's "
+                        f"{per_process * world} images")
     log = print if rank == 0 else (lambda *a, **k: None)
     total = steps_per_epoch * cfg.epochs
     log_every = cfg.log_every or max(1, steps_per_epoch // 5)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.bf16)
-    log(f"{'epoch':>5} {'step':>7} " + " ".join(f"{n:>8}" for n in STAT_NAMES) + f" {'ms/step':>8} {'ETA':>7}")
+    names = STAT_NAMES if D is not None else BASELINE_STAT_NAMES
+    log(f"{'epoch':>5} {'step':>7} " + " ".join(f"{n:>8}" for n in names) + f" {'ms/step':>8} {'ETA':>7}")
     for epoch in range(state["epoch"], cfg.epochs):
         t_epoch = time.perf_counter()
         model.train()
         # The epoch's order depends on (seed, epoch) alone, so --resume replays it exactly.
+        # One order for HyperGAN and dropout; one per member for the standard ensemble.
         g = torch.Generator(device="cpu").manual_seed(cfg.seed * 100_003 + epoch)  # 100_003: a prime
-        order = torch.randperm(len(x_train), generator=g).to(device)
-        sums, n_sum, t_log = torch.zeros(len(STAT_NAMES), device=device), 0, time.perf_counter()
+        order = torch.stack([torch.randperm(len(x_train), generator=g) for _ in range(rows)]).to(device)
+        sums, n_sum, t_log = torch.zeros(len(names), device=device), 0, time.perf_counter()
         for i in range(steps_per_epoch):
-            start = (i * world + rank) * K * b                             # this process's shard
-            idx = order[start:start + K * b]
-            x = x_train[idx]
+            start = (i * world + rank) * per_process                       # this process's shard
+            idx = order[:, start:start + per_process].reshape(K, b)        # network k gets images idx[k]
+            x = x_train[idx.flatten()]
             if data["augment"]:
                 x = augment_batch(x, data["black"])
-            x, y = x.view(K, b, *x.shape[1:]), y_train[idx].view(K, b)     # network k gets x[k]
+            x, y = x.view(K, b, *x.shape[1:]), y_train[idx]
             sums += train_step(model, D, net, state["opts"], x, y, cfg.beta, autocast, ddp)
             state["sched"].step()
             n_sum += 1
@@ -547,7 +766,7 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
                 stats = (sums / n_sum).tolist()                           # the only host sync
                 if not all(map(math.isfinite, stats)):
                     raise UserError(f"a loss became non-finite at epoch {epoch + 1}, step {i + 1} "
-                                    f"({dict(zip(STAT_NAMES, stats))}); lower --lr or --beta. "
+                                    f"({dict(zip(names, stats))}); lower --lr or --beta. "
                                     f"The last good checkpoint was kept")
                 ms = (time.perf_counter() - t_log) * 1000 / n_sum
                 eta = ms / 1000 * (total - epoch * steps_per_epoch - i - 1)
@@ -559,10 +778,12 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
         if rank != 0:
             continue
         # End of epoch: validation accuracy of single sampled networks (selection uses it).
-        val = evaluate(model, net, *data["val"], cfg.val_networks, seed=cfg.eval_seed, sizes=(1,))
+        val = evaluate(model, net, *data["val"], min(cfg.val_networks, model.max_networks), seed=cfg.eval_seed,
+                       sizes=(1,))
         state["seconds"] += time.perf_counter() - t_epoch         # training (+ validation) time
-        state["history"].append(dict(epoch=epoch + 1, train=dict(zip(STAT_NAMES, stats)),
-                                     val_single_mean=val["single_mean"], seconds=state["seconds"]))
+        div = diversity(model, net, data["test"][0][:1000], seed=cfg.eval_seed)  # not timed, not used to select
+        state["history"].append(dict(epoch=epoch + 1, train=dict(zip(names, stats)), val_single_mean=val["single_mean"],
+                                     seconds=state["seconds"], diversity=div))
         improved = val["single_mean"] > state["best_val"]
         if improved:
             state["best_val"] = val["single_mean"]
@@ -570,7 +791,8 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
         if improved:
             save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), cfg, model, D, state)
         print(f"epoch {epoch + 1}: validation accuracy of one sampled network {100 * val['single_mean']:.2f}"
-              f" ± {100 * val['single_std']:.2f} % ({cfg.val_networks} networks)"
+              f" ± {100 * val['single_std']:.2f} % ({cfg.val_networks} networks); diversity: weight-norm RSD "
+              f"{div['weight_norm_rsd_mean']:.4f}, test disagreement {100 * div['disagreement']:.2f} %"
               + ("  -> best.pt" if improved else ""), flush=True)
 
 
@@ -585,7 +807,8 @@ def sample_probs(model, net, x, n_networks, seed, nets_per_chunk=None, images_pe
     Networks and images go in chunks, so memory stays bounded whatever n_networks is. On a CPU,
     small chunks (10 networks x 50 images, whose activations fit in cache) measured fastest: 79 s
     against 104 s at 10 x 500 for 100 networks on 10,000 images; a GPU gets 100 x 500, one kernel
-    per layer for 100 networks (not measured)."""
+    per layer for 100 networks (not measured). The same seed gives the same networks (and, for
+    MC dropout, the same masks: the global generator is seeded inside and restored after)."""
     small = x.device.type == "cpu"
     nets_per_chunk = nets_per_chunk or (10 if small else 100)
     images_per_chunk = images_per_chunk or (50 if small else 500)
@@ -593,10 +816,12 @@ def sample_probs(model, net, x, n_networks, seed, nets_per_chunk=None, images_pe
     model.eval()
     g = torch.Generator(device=x.device).manual_seed(seed)
     out = []
-    for k0 in range(0, n_networks, nets_per_chunk):
-        theta = model.generate(model.codes(model.sample_s(min(nets_per_chunk, n_networks - k0), g)))
-        out.append(torch.cat([functional_forward(net, theta, x[i:i + images_per_chunk]).float().softmax(-1)
-                              for i in range(0, len(x), images_per_chunk)], dim=1))
+    with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)                                          # dropout masks
+        for k0 in range(0, n_networks, nets_per_chunk):
+            theta = model.sample(min(nets_per_chunk, n_networks - k0), g, first=k0)
+            out.append(torch.cat([functional_forward(net, theta, x[i:i + images_per_chunk]).float().softmax(-1)
+                                  for i in range(0, len(x), images_per_chunk)], dim=1))
     model.train(was_training)
     return torch.cat(out)
 
@@ -622,11 +847,13 @@ def disagreement(probs):
     return ((M * M - votes.pow(2).sum(-1)) / (M * (M - 1))).mean().item()
 
 
-def evaluate(model, net, x, y, n_networks, seed, sizes=(1, 5, 10, 100)):
+def evaluate(model, net, x, y, n_networks, seed, sizes=(1, 5, 10, 100), probs=None):
     """Accuracy of single networks and of ensembles (mean of softmax) of each size in `sizes`.
     Ensembles of size m are the disjoint groups of m among the n_networks sampled networks, so the
-    draws are independent; each size reports mean and std over its groups (null if n < m)."""
-    probs = sample_probs(model, net, x, n_networks, seed)                     # (n, images, classes)
+    draws are independent; each size reports mean and std over its groups (null if n < m).
+    probs: the networks' softmax outputs on x if already computed (sample_probs)."""
+    if probs is None:
+        probs = sample_probs(model, net, x, n_networks, seed)                 # (n, images, classes)
     single = (probs.argmax(-1) == y).float().mean(1)                          # (n,)
     result = dict(single_mean=single.mean().item(), single_std=single.std().item() if n_networks > 1 else 0.0,
                   ensemble={}, nll={}, ece={})
@@ -646,6 +873,23 @@ def evaluate(model, net, x, y, n_networks, seed, sizes=(1, 5, 10, 100)):
     if n_networks > 1:
         result["disagreement"] = disagreement(probs[:100])
     return result
+
+
+@torch.no_grad()
+def diversity(model, net, x, seed, n_networks=100, n_predicting=20):
+    """The paper's Fig. 7 measure and one of ours, on n_networks sampled networks (all members of a
+    smaller standard ensemble): weight_norm_rsd[i] = std / mean over networks of the L2 norm of
+    layer i's generated weight; disagreement = mean pairwise disagreement of the first
+    n_predicting networks' predictions on x. MC dropout's weights do not vary (RSD 0)."""
+    was_training = model.training
+    model.eval()
+    n = min(n_networks, model.max_networks)
+    theta = model.sample(n, torch.Generator(device=x.device).manual_seed(seed))
+    norms = [w.flatten(1).float().norm(dim=1) for w, _ in theta]                   # (n,) per layer
+    rsd = [(v.std() / v.mean()).item() for v in norms]
+    model.train(was_training)
+    probs = sample_probs(model, net, x, min(n_predicting, n), seed)
+    return dict(weight_norm_rsd=rsd, weight_norm_rsd_mean=sum(rsd) / len(rsd), disagreement=disagreement(probs))
 
 
 # Table 2 of the paper (PAPER.md 5.1): HyperGAN's rows, accuracy in %.
@@ -671,18 +915,161 @@ def format_table(dataset, result):
 
 
 # ---------------------------------------------------------------------------------------------
+# 6b. Uncertainty (PAPER.md 5.3, 5.4): out-of-distribution (OOD) and adversarial detection. The
+#     score of an input is the entropy of the ensemble's mean softmax (the official code's); an
+#     ensemble is the first --uq-networks networks of the evaluation noise (for the standard
+#     ensemble, its first members), the same for every set. Detection counts in-distribution
+#     inputs as negatives and OOD or adversarial inputs as positives.
+# ---------------------------------------------------------------------------------------------
+def entropy(p):
+    """Entropy (natural log) of categorical distributions p (..., classes) -> (...)."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def auroc(neg, pos):
+    """Area under the ROC curve of 'score > threshold means positive': the probability that a
+    random positive scores above a random negative, ties counting one half (Mann-Whitney U,
+    with the average rank for tied scores)."""
+    scores = torch.cat([neg, pos]).double().cpu()
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()                               # 1-based rank of each value's last copy
+    ranks = (ends - (counts - 1) / 2)[inverse]                     # average rank of tied scores
+    n_neg, n_pos = len(neg), len(pos)
+    return ((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_neg * n_pos)).item()
+
+
+def fpr_at_95_tpr(neg, pos):
+    """The fraction of negatives flagged (score >= t) at the highest threshold t that still flags
+    at least 95 % of the positives; ties with t are flagged."""
+    k = math.ceil(0.95 * len(pos))
+    t = pos.sort(descending=True).values[k - 1]
+    return (neg >= t).float().mean().item()
+
+
+def detection(neg_probs, pos_probs):
+    """Detection by entropy between ensemble predictions neg_probs (n, classes), the in-distribution
+    inputs, and pos_probs (m, classes). ecdf: entropies at the quantiles 0, 0.01, ..., 1 of each
+    side, the paper's empirical-CDF figure in 101 numbers."""
+    e_in, e_out = entropy(neg_probs), entropy(pos_probs)
+    q = torch.linspace(0, 1, 101, device=e_in.device)
+    return dict(auroc=auroc(e_in, e_out), fpr95=fpr_at_95_tpr(e_in, e_out), entropy_in_mean=e_in.mean().item(),
+                entropy_out_mean=e_out.mean().item(), n_in=len(e_in), n_out=len(e_out),
+                ecdf=dict(quantiles=q.tolist(), entropy_in=e_in.quantile(q).tolist(),
+                          entropy_out=e_out.quantile(q).tolist()))
+
+
+def ensemble_log_probs(net, theta, x):
+    """log of the ensemble's mean softmax, (B, classes), differentiable in x (for the attacks):
+    log (1/M) sum_k softmax_k = logsumexp_k log_softmax_k - log M."""
+    log_p = functional_forward(net, theta, x).float().log_softmax(-1)                 # (M, B, classes)
+    return torch.logsumexp(log_p, 0) - math.log(len(log_p))
+
+
+def attack(net, thetas, x, y, eps, steps, data, generator=None):
+    """L-inf attack in [0, 1] pixel units on the ensemble's mean prediction, white box: each step
+    moves every pixel by alpha along the sign of the gradient of the ensemble's NLL, then clips to
+    the eps-ball around the clean image and to [0, 1]. steps=1 is FGSM (alpha = eps, no random
+    start); steps>1 is PGD (Madry et al.: random start in the ball, alpha = 2.5 eps / steps).
+    thetas(t) gives the networks attacked at step t: always the same ones, or fresh ones at every
+    step (the official code's attack on the distribution). x is normalised; so is the result."""
+    pixels = x * data["std"] + data["mean"]                                 # back to [0, 1]
+    if steps == 1:
+        adv, alpha = pixels.clone(), eps
+    else:
+        noise = torch.rand(pixels.shape, device=x.device, generator=generator) * 2 - 1
+        adv, alpha = (pixels + eps * noise).clamp(0, 1), 2.5 * eps / steps
+    for t in range(steps):
+        adv.requires_grad_(True)
+        loss = F.nll_loss(ensemble_log_probs(net, thetas(t), (adv - data["mean"]) / data["std"]), y)
+        grad, = torch.autograd.grad(loss, adv)
+        adv = adv.detach() + alpha * grad.sign()
+        adv = torch.min(torch.max(adv, pixels - eps), pixels + eps).clamp(0, 1)
+    return (adv - data["mean"]) / data["std"]
+
+
+def adversarial_evaluation(model, net, data, cfg):
+    """FGSM, PGD and PGD with fresh networks at every step, at each eps, on the first --adv-images test
+    images. Per attack and eps: accuracy under attack of the evaluation ensemble, the fraction of its
+    correct answers flipped, and detection by entropy: clean images it classifies correctly against
+    the adversarial versions of those that it now gets wrong (PAPER.md 5.4)."""
+    x, y = (t[:cfg.adv_images] for t in data["test"])
+    m = cfg.uq_networks
+    model.eval()
+    with torch.no_grad():
+        theta = model.sample(m, torch.Generator(device=x.device).manual_seed(cfg.eval_seed))  # as sample_probs
+    fresh_g = torch.Generator(device=x.device).manual_seed(cfg.eval_seed + 1)
+
+    def fresh(t):  # new networks at every step (the standard ensemble has only its members)
+        with torch.no_grad():
+            return model.sample(m, fresh_g)
+
+    fixed = lambda t: theta
+    start_g = torch.Generator(device=x.device).manual_seed(cfg.eval_seed + 2)
+    chunk = 100                                                              # images at a time: bounded memory
+    with torch.no_grad():
+        clean = torch.cat([ensemble_log_probs(net, theta, x[i:i + chunk]).exp() for i in range(0, len(x), chunk)])
+    correct = clean.argmax(-1) == y
+    result = dict(networks=m, images=len(x), clean_accuracy=correct.float().mean().item())
+    for name, steps, thetas in (("fgsm", 1, fixed), ("pgd", cfg.pgd_steps, fixed), ("pgd_fresh", cfg.pgd_steps, fresh)):
+        result[name] = {}
+        for eps in cfg.epsilon_list():
+            adv = torch.cat([attack(net, thetas, x[i:i + chunk], y[i:i + chunk], eps, steps, data, start_g)
+                             for i in range(0, len(x), chunk)])
+            with torch.no_grad():
+                p_adv = torch.cat([ensemble_log_probs(net, theta, adv[i:i + chunk]).exp()
+                                   for i in range(0, len(x), chunk)])
+            wrong = p_adv.argmax(-1) != y
+            flipped = correct & wrong
+            r = dict(accuracy=1 - wrong.float().mean().item(),
+                     success_rate=flipped.float().sum().item() / max(1, correct.sum().item()))
+            if flipped.any() and correct.any():
+                d = detection(clean[correct], p_adv[flipped])
+                r.update(auroc=d["auroc"], fpr95=d["fpr95"], entropy_clean_mean=d["entropy_in_mean"],
+                         entropy_adv_mean=d["entropy_out_mean"])
+            else:
+                r.update(auroc=None, fpr95=None)                               # nothing to detect
+            result[name][str(eps)] = r
+        print(f"  {name:9s} " + "  ".join(f"eps {e}: acc {100 * r['accuracy']:5.1f} % auroc "
+                                        + (f"{r['auroc']:.3f}" if r["auroc"] is not None else "  -  ")
+                                        for e, r in result[name].items()), flush=True)
+    model.train()
+    return result
+
+
+def uncertainty_evaluation(model, net, data, cfg, test_probs):
+    """OOD detection for every --ood set and, with --adversarial, the attacks. test_probs: the
+    evaluation networks' softmax on the test set (its first uq_networks rows are the ensemble)."""
+    m = cfg.uq_networks
+    out = {}
+    if data["ood"]:
+        p_in = test_probs[:m].mean(0)
+        out["ood"] = {}
+        for name, x_ood in data["ood"].items():
+            p_out = sample_probs(model, net, x_ood, m, cfg.eval_seed).mean(0)  # the same m networks
+            r = out["ood"][name] = dict(detection(p_in, p_out), networks=m)
+            print(f"ood {name:12s} AUROC {r['auroc']:.4f}  FPR at 95 % TPR {r['fpr95']:.4f}  mean entropy "
+                  f"in {r['entropy_in_mean']:.3f} / out {r['entropy_out_mean']:.3f}  ({m} networks)", flush=True)
+    if cfg.adversarial:
+        print(f"adversarial: {cfg.uq_networks} networks, first {cfg.adv_images} test images, "
+              f"accuracy under attack and detection AUROC by entropy", flush=True)
+        out["adversarial"] = adversarial_evaluation(model, net, data, cfg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # 7. Checkpoints (one dict: models, optimisers, scheduler, RNG, epoch, config, history) and export.
 # ---------------------------------------------------------------------------------------------
 def save_checkpoint(path, cfg, model, D, state):
     """Atomic: write to a temporary file, then rename over the old one. An interrupted run can
     leave a stray .tmp file but never a half-written checkpoint."""
     opt_qg, opt_d = state["opts"]
-    ckpt = dict(config=dataclasses.asdict(cfg), model=model.state_dict(), D=D.state_dict(), opt_qg=opt_qg.state_dict(),
-                opt_d=opt_d.state_dict(), sched=state["sched"].state_dict(), epoch=state["epoch"],
+    ckpt = dict(config=dataclasses.asdict(cfg), model=model.state_dict(), D=D.state_dict() if D else None,
+                opt_qg=opt_qg.state_dict(), opt_d=opt_d.state_dict() if D else None,
+                sched=state["sched"].state_dict(), epoch=state["epoch"],
                 steps=state["steps"], seconds=state["seconds"], best_val=state["best_val"],
                 history=state["history"], rng_cpu=torch.get_rng_state(),
                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    ckpt["config"]["export"] = list(ckpt["config"]["export"])
+    ckpt["config"]["export"], ckpt["config"]["compare"] = list(cfg.export), list(cfg.compare)
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -700,25 +1087,29 @@ def load_checkpoint(path):
     return ckpt
 
 
-ARCH_FIELDS = ("dataset", "s_dim", "d_dim", "hidden")  # must match to load a checkpoint
+ARCH_FIELDS = ("dataset", "method", "s_dim", "d_dim", "hidden", "mixer", "dropout")  # must match to load a checkpoint
 TRAINING_FIELDS = ("seed", "epochs", "networks_per_step", "images_per_network", "lr", "lr_d", "beta",
                    "init_spread", "pretrain_steps", "val_size")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}  # for checkpoints written before a field existed
 
 
 def restore(ckpt, cfg, model, D, state, path):
     """Loads a checkpoint into model (and training state). The architecture must match."""
     for k in ARCH_FIELDS:
-        if ckpt["config"].get(k) != getattr(cfg, k):
-            raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {ckpt['config'].get(k)}, "
+        trained = ckpt["config"].get(k, DEFAULTS[k])
+        if trained != getattr(cfg, k):
+            raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {trained}, "
                             f"this run has {getattr(cfg, k)}; pass the same value")
     try:
         model.load_state_dict(ckpt["model"])
-        D.load_state_dict(ckpt["D"])
+        if D is not None:
+            D.load_state_dict(ckpt["D"])
         if state is not None:
             state["opts"][0].load_state_dict(ckpt["opt_qg"])
-            state["opts"][1].load_state_dict(ckpt["opt_d"])
+            if D is not None:
+                state["opts"][1].load_state_dict(ckpt["opt_d"])
             state["sched"].load_state_dict(ckpt["sched"])
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"{path!r} does not match this model ({str(e).splitlines()[0]})")
     if state is not None:
         for k in ("epoch", "steps", "seconds", "best_val", "history"):
@@ -735,7 +1126,7 @@ def export_networks(model, net, n, path, seed):
     model.eval()
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
-        theta = model.generate(model.codes(model.sample_s(n, g)))
+        theta = model.sample(n, g)
     for k in range(n):
         torch.save(theta_to_state_dict(net, theta, k), os.path.join(path, f"net_{k:03d}.pt"))
 
@@ -765,15 +1156,242 @@ def wrap_distributed(model, D, device):
     """(model, D) in DistributedDataParallel; wrapping copies rank 0's parameters to all."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [device] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids), DDP(D, device_ids=ids)
+    return DDP(model, device_ids=ids), DDP(D, device_ids=ids) if D is not None else None
 
 
 def parameter_checksum(*modules):
-    return sum(p.double().sum().item() for m in modules for p in m.parameters())
+    return sum(p.double().sum().item() for m in modules if m is not None for p in m.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Main: train (or resume), select the best epoch on validation, evaluate on test, write results.
+# 9. The 1D toy (PAPER.md 5.5; `--dataset toy`, seconds on a CPU, no download). y = x^3 + eps on
+#    20 points in [-4, 4]; every sampled 1-200-1 network sees all 20 points at every step, with
+#    the MSE loss in place of Eq. (1)'s cross-entropy. Sampled networks agree where there is data
+#    and spread apart outside [-4, 4]: the predictive spread of the figure.
+# ---------------------------------------------------------------------------------------------
+def toy_data(seed=1):
+    """y = x^3 + eps, eps ~ N(0, 3^2): 18 points uniform in [-4, 4] plus -4 and 4 (official V1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.rand(18, generator=g) * 8 - 4, torch.tensor([-4.0, 4.0])])
+    return x.unsqueeze(1), x.pow(3) + 3 * torch.randn(20, generator=g)          # (20, 1), (20,)
+
+
+def run_toy(cfg):
+    if cfg.resume or cfg.eval_only or cfg.ood or cfg.adversarial or cfg.export:
+        raise UserError("--dataset toy trains in seconds: --resume, --eval-only, --ood, --adversarial and "
+                        "--export are for the image data sets")
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed)
+    x, y = (t.to(device) for t in toy_data())
+    # Ours: the targets are divided by their std (about 40), so the MSE is of order 1 like Eq. (1)'s
+    # cross-entropy and beta keeps its meaning; predictions are scaled back for the results.
+    scale = y.std()
+    net = toy_net(p=cfg.dropout if cfg.method == "dropout" else 0.0).to(device)
+    model, D = build_model(cfg, net)
+    model, D = model.to(device), D.to(device) if D is not None else None
+    opts, sched = make_optimizers(model, D, cfg, cfg.epochs)
+    if D is not None:
+        pretrain_mixer(model, cfg.pretrain_steps)
+    K = min(cfg.networks_per_step, model.max_networks)
+    print(f"toy: {cfg.method}, {K} networks per step, {cfg.epochs} steps on 20 points")
+    t0, off = time.perf_counter(), torch.autocast(device.type, enabled=False)
+    model.train()
+    for step in range(cfg.epochs):
+        stats = train_step(model, D, net, opts, x.expand(K, *x.shape), (y / scale).expand(K, -1), cfg.beta, off,
+                           task_loss=regression_loss)
+        sched.step()
+        if (step + 1) % max(1, cfg.epochs // 5) == 0:
+            names = STAT_NAMES if D is not None else BASELINE_STAT_NAMES
+            print(f"step {step + 1:5d} " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, stats.tolist())
+                                                  if n != "acc"), flush=True)
+    seconds = time.perf_counter() - t0
+    grid = torch.linspace(-6, 6, 241, device=device).unsqueeze(1)
+    n = min(100, model.max_networks)
+    model.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.eval_seed)
+        g = torch.Generator(device=device).manual_seed(cfg.eval_seed)
+        pred = functional_forward(net, model.sample(n, g), grid).squeeze(-1) * scale   # (n, 241)
+        train_pred = functional_forward(net, model.sample(n, g), x).squeeze(-1) * scale
+    mean, std = pred.mean(0), pred.std(0)
+    inside = grid.squeeze(1).abs() <= 4
+    toy = dict(networks=n, x=grid.squeeze(1).tolist(), mean=mean.tolist(), std=std.tolist(),
+               train_x=x.squeeze(1).tolist(), train_y=y.tolist(),
+               train_mse=(train_pred.mean(0) - y).pow(2).mean().item(),
+               spread_inside=std[inside].mean().item(), spread_outside=std[~inside].mean().item())
+    print(f"toy: {seconds:.1f} s; MSE of the {n}-network mean on the 20 points {toy['train_mse']:.2f} "
+          f"(noise variance 9); spread (std of sampled networks) inside [-4, 4] {toy['spread_inside']:.2f}, "
+          f"outside {toy['spread_outside']:.2f}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    state = dict(opts=opts, sched=sched, epoch=cfg.epochs, steps=cfg.epochs, seconds=seconds, best_val=-1.0,
+                 history=[])
+    save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), cfg, model, D, state)
+    results = dict(dataset="toy", method=cfg.method, config=dataclasses.asdict(cfg), train_seconds=seconds, toy=toy)
+    write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    if cfg.figures:
+        draw_figures([(run_label(results), [results])], cfg.out_dir)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Figures (PNG, matplotlib imported here only) and `--compare DIR ...`, which reads finished
+#     runs' results.json, pools the seeds of each setting (mean ± std), prints the uncertainty
+#     tables, writes comparison.json and draws the figures with every setting side by side.
+# ---------------------------------------------------------------------------------------------
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_label(r):
+    """A setting's name: the method, and the ablations that differ from the defaults."""
+    c = r["config"]
+    label = r["method"] + (" (beta 0)" if c["beta"] == 0 and r["method"] == "hypergan" else "")
+    return label + (" (no mixer)" if not c.get("mixer", True) and r["method"] == "hypergan" else "")
+
+
+def draw_figures(groups, out_dir):
+    """groups: [(label, [results of each seed])]. Draws every figure the results allow; returns paths."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")                      # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("figures: skipped, matplotlib is not installed (pip install matplotlib)")
+        return []
+    mean = lambda rows: [sum(v) / len(v) for v in zip(*rows)]   # pointwise mean over seeds
+    nan_if_none = lambda v: float("nan") if v is None else v
+    paths = []
+
+    def save(fig, name):
+        paths.append(os.path.join(out_dir, name))
+        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+    ood_sets = sorted({n for _, rs in groups for r in rs for n in r.get("ood") or {}})
+    if ood_sets:  # the paper's form: empirical CDF of the entropy, in- vs out-of-distribution
+        fig, axes = plt.subplots(1, len(ood_sets), figsize=(5 * len(ood_sets), 4), squeeze=False)
+        for ax, name in zip(axes[0], ood_sets):
+            for i, (label, rs) in enumerate(groups):
+                e = [r["ood"][name]["ecdf"] for r in rs if name in (r.get("ood") or {})]
+                if e:
+                    q = e[0]["quantiles"]
+                    ax.plot(mean([c["entropy_in"] for c in e]), q, f"C{i}--", label=f"{label}: test (in)")
+                    ax.plot(mean([c["entropy_out"] for c in e]), q, f"C{i}-", label=f"{label}: {name} (out)")
+            ax.set(xlabel="entropy of the ensemble's mean softmax (nats)", ylabel="fraction of inputs",
+                   title=f"OOD detection: {name}")
+            ax.legend(fontsize=7)
+        save(fig, "entropy_cdf.png")
+    with_div = [(label, [r["history"] for r in rs if r.get("history") and "diversity" in r["history"][0]])
+                for label, rs in groups]
+    if any(h for _, h in with_div):  # the paper's Fig. 7 (and prediction disagreement)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for label, hs in with_div:
+            if hs:
+                n = min(map(len, hs))
+                epochs = [e["epoch"] for e in hs[0][:n]]
+                a1.plot(epochs, mean([[e["diversity"]["weight_norm_rsd_mean"] for e in h[:n]] for h in hs]),
+                        marker=".", label=label)
+                a2.plot(epochs, mean([[100 * e["diversity"]["disagreement"] for e in h[:n]] for h in hs]),
+                        marker=".", label=label)
+        a1.set(xlabel="epoch", ylabel="std / mean of weight L2 norm (mean over layers)", title="weight diversity")
+        a2.set(xlabel="epoch", ylabel="pairwise disagreement on test (%)", title="prediction diversity")
+        a1.legend(fontsize=8)
+        save(fig, "diversity.png")
+    attacks = ("fgsm", "pgd", "pgd_fresh")
+    if any(r.get("adversarial") for _, rs in groups for r in rs):
+        fig, axes = plt.subplots(2, 3, figsize=(14, 7), squeeze=False)
+        for j, a in enumerate(attacks):
+            for label, rs in groups:
+                adv = [r["adversarial"][a] for r in rs if r.get("adversarial")]
+                if adv:
+                    eps = sorted(adv[0], key=float)
+                    axes[0][j].plot([float(e) for e in eps], mean([[100 * x[e]["accuracy"] for e in eps] for x in adv]),
+                                    marker="o", label=label)
+                    axes[1][j].plot([float(e) for e in eps], mean([[nan_if_none(x[e]["auroc"]) for e in eps]
+                                                                   for x in adv]), marker="o", label=label)
+            axes[0][j].set(title=a.replace("_fresh", ", fresh networks each step").upper(), ylabel="accuracy under attack (%)")
+            axes[1][j].set(xlabel="eps (L-inf, [0, 1] pixels)", ylabel="detection AUROC (entropy)")
+        axes[0][0].legend(fontsize=8)
+        save(fig, "adversarial.png")
+    toys = [(label, rs[0]["toy"]) for label, rs in groups if rs[0].get("toy")]
+    if toys:  # the predictive mean and spread of sampled networks
+        fig, axes = plt.subplots(1, len(toys), figsize=(5 * len(toys), 4), squeeze=False)
+        for ax, (label, t) in zip(axes[0], toys):
+            lo = [m - 2 * s for m, s in zip(t["mean"], t["std"])]
+            hi = [m + 2 * s for m, s in zip(t["mean"], t["std"])]
+            ax.fill_between(t["x"], lo, hi, alpha=0.3, label="mean ± 2 std of sampled networks")
+            ax.plot(t["x"], t["mean"], label="mean prediction")
+            ax.plot(t["x"], [v ** 3 for v in t["x"]], "k--", lw=1, label="x³")
+            ax.scatter(t["train_x"], t["train_y"], s=12, c="k", zorder=3, label="training points")
+            ax.axvspan(-4, 4, color="0.9", zorder=0)
+            ax.set(title=f"1D toy: {label}", xlabel="x", ylabel="y", ylim=(-250, 250))
+            ax.legend(fontsize=7)
+        save(fig, "toy.png")
+    for p in paths:
+        print(f"figure: {p}")
+    return paths
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    m = sum(values) / len(values)
+    return dict(mean=m, std=(sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0,
+                runs=len(values))
+
+
+def compare_runs(cfg):
+    runs = []
+    for folder in cfg.compare:
+        path = os.path.join(folder, "results.json")
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+            assert "method" in runs[-1] and "config" in runs[-1]
+        except (OSError, ValueError, AssertionError) as e:
+            raise UserError(f"{path!r} is not a results.json of a finished run ({type(e).__name__})")
+    groups = {}  # runs of one setting, i.e. seeds; the data set is named when runs differ in it
+    several = len({r["dataset"] for r in runs}) > 1
+    for r in runs:
+        groups.setdefault(run_label(r) + (f" on {r['dataset']}" if several else ""), []).append(r)
+    fmt = lambda ms, k=100, d=2: "-" if ms is None else f"{k * ms['mean']:.{d}f} ± {k * ms['std']:.{d}f}"
+    summary = {}
+    for label, rs in groups.items():
+        seeds = sorted(r["config"]["seed"] for r in rs)
+        s = summary[label] = dict(runs=len(rs), seeds=seeds, train_seconds=mean_std([r.get("train_seconds") for r in rs]))
+        if "accuracy" in rs[0]:
+            s["single"] = mean_std([r["accuracy"]["single_mean"] for r in rs])
+            s["ensemble"] = {m: mean_std([(r["accuracy"]["ensemble"].get(m) or {}).get("mean") for r in rs])
+                             for m in ("5", "10", "100")}
+        s["ood"] = {n: {k: mean_std([r["ood"][n][k] for r in rs if n in (r.get("ood") or {})])
+                        for k in ("auroc", "fpr95", "entropy_in_mean", "entropy_out_mean")}
+                    for n in sorted({n for r in rs for n in r.get("ood") or {}})}
+        adv = [r["adversarial"] for r in rs if r.get("adversarial")]
+        s["adversarial"] = {a: {e: {k: mean_std([x[a][e][k] for x in adv]) for k in ("accuracy", "auroc")}
+                                for e in adv[0][a]} for a in ("fgsm", "pgd", "pgd_fresh")} if adv else {}
+        print(f"\n{label}: {len(rs)} run(s), seeds {seeds}, training {fmt(s['train_seconds'], 1 / 60, 1)} min")
+        if "single" in s:
+            print(f"  test accuracy %: single {fmt(s['single'])}, "
+                  + ", ".join(f"{m}-ensemble {fmt(v)}" for m, v in s["ensemble"].items() if v))
+        for n, o in s["ood"].items():
+            print(f"  ood {n:12s} AUROC {fmt(o['auroc'], 1, 4)}  FPR95 {fmt(o['fpr95'], 1, 4)}  "
+                  f"entropy in {fmt(o['entropy_in_mean'], 1, 3)} out {fmt(o['entropy_out_mean'], 1, 3)}")
+        for a, by_eps in s["adversarial"].items():
+            print(f"  {a:9s} " + "  ".join(f"eps {e}: acc {fmt(v['accuracy'], 100, 1)} % AUROC {fmt(v['auroc'], 1, 3)}"
+                                          for e, v in by_eps.items()))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json(os.path.join(cfg.out_dir, "comparison.json"), dict(runs=list(cfg.compare), settings=summary))
+    print(f"\nwrote {os.path.join(cfg.out_dir, 'comparison.json')}")
+    if cfg.figures:
+        draw_figures(list(groups.items()), cfg.out_dir)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Main: train (or resume), select the best epoch on validation, evaluate on test, write results.
 # ---------------------------------------------------------------------------------------------
 def peak_memory_mb(device):
     if device.type == "cuda":
@@ -787,6 +1405,10 @@ def peak_memory_mb(device):
 
 
 def run(cfg):
+    if cfg.compare:
+        return compare_runs(cfg)
+    if cfg.dataset == "toy":
+        return run_toy(cfg)
     rank, world, device = init_distributed(pick_device(cfg.device))
     set_seed(cfg.seed)
     ckpt_path = cfg.checkpoint or os.path.join(cfg.out_dir, "checkpoint.pt")
@@ -794,28 +1416,32 @@ def run(cfg):
         raise UserError("--eval-only needs --checkpoint PATH")
     ckpt = load_checkpoint(ckpt_path) if (cfg.eval_only or cfg.resume) else None
     data = load_data(cfg, device)
-    net = TARGETS[data["arch"]](data["num_classes"]).to(device)
-    model = HyperGAN(net, cfg.s_dim, cfg.d_dim, cfg.hidden, cfg.init_spread).to(device)
-    D = discriminator(cfg.d_dim, cfg.hidden).to(device)
+    net = TARGETS[data["arch"]](data["num_classes"], cfg.dropout if cfg.method == "dropout" else 0.0).to(device)
+    model, D = build_model(cfg, net)
+    model, D = model.to(device), D.to(device) if D is not None else None
+    n_eval = min(cfg.eval_networks, model.max_networks)      # the standard ensemble has K members
+    if (data["ood"] or cfg.adversarial) and cfg.uq_networks > n_eval:
+        raise UserError(f"--uq-networks {cfg.uq_networks} is more than the {n_eval} networks evaluated")
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = print if rank == 0 else (lambda *a, **k: None)
-    log(f"HyperGAN on {cfg.dataset} ({len(data['train'][0])} train / {len(data['val'][0])} val / "
+    log(f"{cfg.method} on {cfg.dataset} ({len(data['train'][0])} train / {len(data['val'][0])} val / "
         f"{len(data['test'][0])} test images), target '{data['arch']}', device {device}"
         + (f" x {world} processes" if world > 1 else "") + f", "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters in Q and G")
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M trainable parameters"
+        + (" in Q and G" if D is not None else ""))
     if cfg.eval_only:
         restore(ckpt, cfg, model, D, None, ckpt_path)
         for k in TRAINING_FIELDS:  # results.json reports how the checkpoint was trained
             setattr(cfg, k, ckpt["config"][k])
         train_seconds, steps = ckpt["seconds"], ckpt["steps"]
     else:
-        total_steps = len(data["train"][0]) // (cfg.networks_per_step * cfg.images_per_network * world) * cfg.epochs
+        total_steps = epoch_layout(cfg, len(data["train"][0]), world)[0] * cfg.epochs
         opts, sched = make_optimizers(model, D, cfg, max(total_steps, 1))
         state = dict(opts=opts, sched=sched, epoch=0, steps=0, seconds=0.0, best_val=-1.0, history=[])
         if ckpt is not None:
             restore(ckpt, cfg, model, D, state, ckpt_path)
             log(f"resumed from {ckpt_path} after epoch {state['epoch']}")
-        else:
+        elif D is not None:
             loss = pretrain_mixer(model, cfg.pretrain_steps)
             if loss is not None:
                 log(f"mixer pre-training: {cfg.pretrain_steps} steps, moment-matching loss {loss:.4f}")
@@ -838,12 +1464,14 @@ def run(cfg):
         return None
     history = ckpt["history"] if cfg.eval_only else state["history"]
     t0 = time.perf_counter()
-    result = evaluate(model, net, *data["test"], cfg.eval_networks, seed=cfg.eval_seed)
+    test_probs = sample_probs(model, net, data["test"][0], n_eval, cfg.eval_seed)  # (n_eval, images, classes)
+    result = evaluate(model, net, *data["test"], n_eval, seed=cfg.eval_seed, probs=test_probs)
     eval_seconds = time.perf_counter() - t0
-    print(f"\ntest set, {cfg.eval_networks} sampled networks ({eval_seconds:.1f} s); pairwise "
+    print(f"\ntest set, {n_eval} sampled networks ({eval_seconds:.1f} s); pairwise "
           f"disagreement {100 * result.get('disagreement', 0):.2f} %\n" + format_table(cfg.dataset, result))
+    uncertainty = uncertainty_evaluation(model, net, data, cfg, test_probs)
     K_b = cfg.networks_per_step * cfg.images_per_network * world   # network-image passes per step
-    results = dict(dataset=cfg.dataset, config=dataclasses.asdict(cfg), processes=world,
+    results = dict(dataset=cfg.dataset, method=cfg.method, config=dataclasses.asdict(cfg), processes=world,
                    accuracy=dict(single_mean=result["single_mean"], single_std=result["single_std"],
                                  ensemble=result["ensemble"]),
                    nll=result["nll"], ece=result["ece"], disagreement=result.get("disagreement"),
@@ -854,14 +1482,14 @@ def run(cfg):
                    networks_x_images_per_second=steps * K_b / train_seconds if train_seconds else None,
                    seconds_per_epoch=train_seconds / len(history) if history else None,
                    eval_seconds=eval_seconds, peak_memory_mb=peak_memory_mb(device),
-                   history=history, paper=PAPER_TABLE2.get(cfg.dataset))
+                   history=history, paper=PAPER_TABLE2.get(cfg.dataset), **uncertainty)
     print(f"training: {results['steps_per_second'] or 0:.1f} steps/s, "
           f"{results['networks_x_images_per_second'] or 0:.0f} networks x images/s, "
           f"{results['seconds_per_epoch'] or 0:.1f} s/epoch; evaluation {eval_seconds:.1f} s; "
           f"peak memory {results['peak_memory_mb'] or 0:.0f} MB")
-    with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
+    write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    if cfg.figures:
+        draw_figures([(run_label(results), [results])], cfg.out_dir)
     if cfg.export:
         export_networks(model, net, *cfg.export, seed=cfg.eval_seed)
         print(f"exported {cfg.export[0]} networks to {cfg.export[1]}")
