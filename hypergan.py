@@ -10,9 +10,13 @@ Ratzlaff & Fuxin, ICML 2019 (arXiv:1901.11058). One annotated file, read next to
     D tells codes z_i from prior samples p_i ~ P = N(0, I_d), keeping the codes spread out,
     so every new s gives a new, different, accurate network: ensembles come for free.
 
-Run:   python hypergan.py --dataset mnist --data-root ../shared/data --no-download
+Run:   python hypergan.py --dataset toy            (the 1D toy of the paper, seconds, no download)
+       python hypergan.py --dataset mnist --data-root ../shared/data --no-download
        python hypergan.py --dataset cifar10          (downloads CIFAR-10 into ./data)
        python hypergan.py --dataset synthetic-mnist  (offline, seconds; what the tests use)
+       python hypergan.py --dataset mnist0-4 --ood mnist5-9 --adversarial   (uncertainty, section 6b)
+       python hypergan.py --dataset mnist0-4 --method ensemble ...  (baselines: ensemble, dropout)
+       python hypergan.py --compare runs/a runs/b    (finished runs side by side, with figures)
 Test:  python -m pytest -q test_hypergan.py
 
 Measured results (the paper's Table 2 beside ours) and every choice the paper leaves open are in
@@ -24,9 +28,12 @@ Sections follow the paper and read top to bottom:
 
 Glossary: s noise, Q mixer, z codes (K, N, d), G_i generator of layer i, theta generated
 parameters, D discriminator, P prior N(0, I_d), beta weight of the adversarial term,
-K networks sampled per step, b images per network.
+K networks sampled per step, b images per network, M networks in an evaluated ensemble,
+OOD out-of-distribution, AUROC area under the ROC curve, FPR95 false-positive rate at 95 %
+true positives, eps the size of an adversarial perturbation.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -83,7 +90,11 @@ class Config:
     init_spread: float = option(None, "initial size of each network's departure from the mean network, "
                                    "relative to PyTorch's init scale (ours, measured: 0.1; toy 1.0)")
     beta: float = option(None, "weight of the adversarial term, Eq. (2) (ours: 1; 10 tried, paper_notes.md)")
-    networks_per_step: int = option(None, "K: networks sampled per training step (official: 32 or 100)")
+    q_loss: str = option("minimax", "Q's adversarial loss: minimax = Eq. (3) as written, sum_i log(1 - D(z_i)); "
+                                    "nonsaturating = -sum_i log D(z_i), a deviation (section 4)",
+                         choices=("minimax", "nonsaturating"))
+    networks_per_step: int = option(None, "K: networks sampled per training step (official: 32 or 100); "
+                                          "--method ensemble: its number of members; dropout: masks a step")
     images_per_network: int = option(None, "b: images each sampled network sees per step (ours)")
     epochs: int = option(None, "passes over the training set")
     lr: float = option(None, "Adam learning rate of Q and every G_i, cosine-decayed to 0 (ours)")
@@ -101,7 +112,8 @@ class Config:
     eval_seed: int = option(1234, "seed of the fixed noise that samples the evaluated networks")
     # uncertainty (section 6b); off unless asked for
     ood: str = option("", "out-of-distribution sets to detect, comma-separated: " + ", ".join(OOD_SETS))
-    adversarial: bool = option(False, "FGSM and PGD attacks on the evaluation ensemble, and their detection")
+    adversarial: bool = option(False, "FGSM and PGD attacks on the --uq-networks ensemble, and their detection "
+                                          "by entropy")
     epsilons: str = option("0.01,0.03,0.08,0.1,0.3", "L-inf attack sizes in [0, 1] pixel units, comma-separated")
     pgd_steps: int = option(10, "iterations of PGD (step 2.5 * eps / steps, random start)")
     adv_images: int = option(1000, "test images attacked (the first ones of the test set)")
@@ -186,8 +198,8 @@ def parse_args(argv=None):
         assert all(0 < e <= 1 for e in cfg.epsilon_list())
     except (ValueError, AssertionError):
         raise UserError(f"--epsilons must be comma-separated numbers in (0, 1], got {cfg.epsilons!r}")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not (0 < cfg.dropout < 1 or (cfg.dropout == 0 and cfg.method != "dropout")):
+        raise UserError(f"--dropout must be in (0, 1) for --method dropout, got {cfg.dropout}")
     return cfg
 
 
@@ -236,6 +248,8 @@ def torchvision_split(name, root, train, download):
     try:
         ds = (cls(root, split="train" if train else "test", download=download) if name == "svhn" else
               cls(root, train=train, download=download))
+    except ImportError as e:  # torchvision's SVHN reader needs scipy (not in requirements.txt)
+        raise UserError(f"loading {name} needs the package {e.name!r}: pip install {e.name}")
     except Exception as e:  # torchvision raises RuntimeError offline, URLError when downloads fail
         how = ("pass --no-download only when --data-root already holds it" if not download else
                "check the network, or put the files there and pass --no-download")
@@ -281,8 +295,6 @@ def load_ood(name, cfg, data, raw_test_held_out):
     elif name == "notmnist":
         x = notmnist_images(cfg.data_root)
         if x is None:
-            print(f"ood notmnist: skipped, no readable images under {os.path.join(cfg.data_root, 'notMNIST_small')} "
-                  f"(unpack notMNIST_small.tar.gz there to use it)")
             return None
     elif name == "noise":  # uniform random pixels, as many as the test set (no download)
         g = torch.Generator().manual_seed(3)
@@ -332,11 +344,15 @@ def load_data(cfg, device):
                 augment=name in ("cifar10", "cifar5", "synthetic-cifar10"), black=norm(torch.zeros(1, 1, 1)),
                 mean=mean.to(device), std=std.to(device), normalise=norm)
     # OOD sets load now, before training, so a missing one fails in seconds, not after the run.
-    data["ood"] = {}
+    data["ood"], data["ood_skipped"] = {}, {}
     for ood_name in cfg.ood_sets():
         x_ood = load_ood(ood_name, cfg, data, held_out)
         if x_ood is not None:
             data["ood"][ood_name] = x_ood
+        else:  # only notMNIST is optional
+            why = f"no readable images under {os.path.join(cfg.data_root, 'notMNIST_small')}"
+            print(f"ood {ood_name}: skipped, {why} (unpack notMNIST_small.tar.gz there to use it)")
+            data["ood_skipped"][ood_name] = dict(skipped=why)
     return data
 
 
@@ -418,7 +434,8 @@ def functional_forward(net, theta, x):
 
     theta: one (weight (K, *shape), bias (K, out)) pair per layer of `param_layers(net)`.
     x: (K, B, C, H, W), network k sees its own images x[k] (training), or (B, C, H, W), one
-    batch shared by all K networks (evaluation). Returns logits (K, B, classes).
+    batch shared by all K networks (evaluation); for an MLP target (the toy), (K, B, features) or
+    a shared (B, features). Returns outputs (K, B, classes). Dropout layers (MC dropout) stay on.
 
     Why grouped convolution: the K networks' feature maps are stacked along the channel axis,
     (B, K*C, H, W), network k owning channel block k, and one conv with groups=K applies each
@@ -547,6 +564,7 @@ class StandardEnsemble(nn.Module):
     def __init__(self, net, members):
         super().__init__()
         self.max_networks = members
+        net = copy.deepcopy(net)                                              # re-initialised below
         stacks = [[] for _ in param_layers(net)]
         for _ in range(members):
             for stack, layer in zip(stacks, param_layers(net)):
@@ -611,11 +629,15 @@ def discriminator_loss(D, z, p):
     return -(F.logsigmoid(logit_p) + F.logsigmoid(-logit_z)).sum(1).mean()
 
 
-def mixer_adversarial_loss(D, z):
+def mixer_adversarial_loss(D, z, nonsaturating=False):
     """Q's share of Eq. (2), min over Q of [CE - beta * Dist]: the prior term of Dist does not
     depend on Q, so Q minimises sum_i log(1 - D(z_i)), the minimax form exactly as written
-    (it pushes D(z_i) towards 1, 'looks like the prior')."""
-    return F.logsigmoid(-D(z)).squeeze(-1).sum(1).mean()
+    (it pushes D(z_i) towards 1, 'looks like the prior').
+    Deviation, only with --q-loss nonsaturating: Q minimises -sum_i log D(z_i) instead (Goodfellow
+    et al., 2014). Same direction; but when D wins, D(z_i) -> 0 and the minimax gradient, which is
+    proportional to D(z_i), vanishes, while this one does not."""
+    logit = D(z).squeeze(-1)                                                   # (K, N)
+    return (-F.logsigmoid(logit) if nonsaturating else F.logsigmoid(-logit)).sum(1).mean()
 
 
 def pretrain_mixer(model, steps, batch=1000):
@@ -653,7 +675,8 @@ def regression_loss(out, y):
     return F.mse_loss(out.squeeze(-1).float(), y), torch.zeros((), device=y.device)
 
 
-def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None, task_loss=classification_loss):
+def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None, task_loss=classification_loss,
+               nonsaturating=False):
     """x: (K, b, C, H, W), y: (K, b). Returns the step's statistics as tensors (no host sync):
     STAT_NAMES for HyperGAN, BASELINE_STAT_NAMES for the baselines (D is None: Eq. (1) alone).
     ddp: under torchrun, (model, D) wrapped in DistributedDataParallel (section 8), which averages
@@ -662,7 +685,7 @@ def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None, task_loss=cl
     opt_qg, opt_d = opts
     model_fwd, D_fwd = ddp if ddp else (model, D)
     if D is None:                                                             # the baselines
-        with autocast:
+        with autocast:  # model(K): theta of the ensemble's K members, or K views of the dropout network
             out = functional_forward(net, model_fwd(x.shape[0]), x)           # (K, b, classes)
         loss, acc = task_loss(out, y)
         opt_qg.zero_grad(set_to_none=True)
@@ -684,7 +707,7 @@ def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None, task_loss=cl
         out = functional_forward(net, theta, x)                               # (K, b, classes)
     ce, acc = task_loss(out, y)                                               # Eq. (1)
     D.requires_grad_(False)                                                   # D is held fixed here
-    q_adv = mixer_adversarial_loss(D, z)
+    q_adv = mixer_adversarial_loss(D, z, nonsaturating)
     D.requires_grad_(True)
     loss = ce + beta * q_adv
     opt_qg.zero_grad(set_to_none=True)
@@ -730,8 +753,8 @@ def epoch_layout(cfg, n, world=1):
 def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
     """The training loop; `state` holds the optimisers, scheduler, epoch and history, and is
     what the checkpoint saves at the end of every epoch. Under torchrun (world > 1) process
-    `rank` trains on its own K*b images of every world*K*b batch, and rank 0 alone logs,
-    validates and writes checkpoints."""
+    `rank` trains on its own shard of every step's images (see epoch_layout), and rank 0 alone
+    logs, validates, measures diversity and writes checkpoints."""
     x_train, y_train = data["train"]
     K, b = cfg.networks_per_step, cfg.images_per_network
     steps_per_epoch, rows, per_process = epoch_layout(cfg, len(x_train), world)
@@ -759,7 +782,8 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
             if data["augment"]:
                 x = augment_batch(x, data["black"])
             x, y = x.view(K, b, *x.shape[1:]), y_train[idx]
-            sums += train_step(model, D, net, state["opts"], x, y, cfg.beta, autocast, ddp)
+            sums += train_step(model, D, net, state["opts"], x, y, cfg.beta, autocast, ddp,
+                               nonsaturating=cfg.q_loss == "nonsaturating")
             state["sched"].step()
             n_sum += 1
             if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
@@ -847,13 +871,11 @@ def disagreement(probs):
     return ((M * M - votes.pow(2).sum(-1)) / (M * (M - 1))).mean().item()
 
 
-def evaluate(model, net, x, y, n_networks, seed, sizes=(1, 5, 10, 100), probs=None):
+def evaluate(model, net, x, y, n_networks, seed, sizes=(1, 5, 10, 100)):
     """Accuracy of single networks and of ensembles (mean of softmax) of each size in `sizes`.
     Ensembles of size m are the disjoint groups of m among the n_networks sampled networks, so the
-    draws are independent; each size reports mean and std over its groups (null if n < m).
-    probs: the networks' softmax outputs on x if already computed (sample_probs)."""
-    if probs is None:
-        probs = sample_probs(model, net, x, n_networks, seed)                 # (n, images, classes)
+    draws are independent; each size reports mean and std over its groups (null if n < m)."""
+    probs = sample_probs(model, net, x, n_networks, seed)                     # (n, images, classes)
     single = (probs.argmax(-1) == y).float().mean(1)                          # (n,)
     result = dict(single_mean=single.mean().item(), single_std=single.std().item() if n_networks > 1 else 0.0,
                   ensemble={}, nll={}, ece={})
@@ -965,13 +987,14 @@ def ensemble_log_probs(net, theta, x):
     return torch.logsumexp(log_p, 0) - math.log(len(log_p))
 
 
-def attack(net, thetas, x, y, eps, steps, data, generator=None):
+def attack(net, networks_at_step, x, y, eps, steps, data, generator=None):
     """L-inf attack in [0, 1] pixel units on the ensemble's mean prediction, white box: each step
     moves every pixel by alpha along the sign of the gradient of the ensemble's NLL, then clips to
     the eps-ball around the clean image and to [0, 1]. steps=1 is FGSM (alpha = eps, no random
     start); steps>1 is PGD (Madry et al.: random start in the ball, alpha = 2.5 eps / steps).
-    thetas(t) gives the networks attacked at step t: always the same ones, or fresh ones at every
-    step (the official code's attack on the distribution). x is normalised; so is the result."""
+    networks_at_step(t) gives the theta attacked at step t: always the same networks, or fresh ones
+    at every step (the official code's attack on the distribution).
+    x: (B, C, H, W) normalised, y: (B,). Returns the adversarial images, normalised, (B, C, H, W)."""
     pixels = x * data["std"] + data["mean"]                                 # back to [0, 1]
     if steps == 1:
         adv, alpha = pixels.clone(), eps
@@ -980,44 +1003,47 @@ def attack(net, thetas, x, y, eps, steps, data, generator=None):
         adv, alpha = (pixels + eps * noise).clamp(0, 1), 2.5 * eps / steps
     for t in range(steps):
         adv.requires_grad_(True)
-        loss = F.nll_loss(ensemble_log_probs(net, thetas(t), (adv - data["mean"]) / data["std"]), y)
+        loss = F.nll_loss(ensemble_log_probs(net, networks_at_step(t), (adv - data["mean"]) / data["std"]), y)
         grad, = torch.autograd.grad(loss, adv)
         adv = adv.detach() + alpha * grad.sign()
         adv = torch.min(torch.max(adv, pixels - eps), pixels + eps).clamp(0, 1)
     return (adv - data["mean"]) / data["std"]
 
 
-def adversarial_evaluation(model, net, data, cfg):
+@torch.no_grad()
+def ensemble_probs(net, theta, x, chunk=200):
+    """The ensemble's mean softmax on x, (len(x), classes), `chunk` images at a time."""
+    return torch.cat([ensemble_log_probs(net, theta, x[i:i + chunk]).exp() for i in range(0, len(x), chunk)])
+
+
+def adversarial_evaluation(model, net, theta, data, cfg):
     """FGSM, PGD and PGD with fresh networks at every step, at each eps, on the first --adv-images test
-    images. Per attack and eps: accuracy under attack of the evaluation ensemble, the fraction of its
-    correct answers flipped, and detection by entropy: clean images it classifies correctly against
-    the adversarial versions of those that it now gets wrong (PAPER.md 5.4)."""
+    images, against the ensemble theta. Per attack and eps: accuracy under attack of the ensemble, the
+    fraction of its correct answers flipped, and detection by entropy: clean images it classifies
+    correctly against the adversarial versions of those that it now gets wrong (PAPER.md 5.4).
+    'pgd_fresh' differs from 'pgd' for HyperGAN only: the standard ensemble has no other networks,
+    and MC dropout draws new masks at every forward pass in both."""
     x, y = (t[:cfg.adv_images] for t in data["test"])
-    m = cfg.uq_networks
-    model.eval()
-    with torch.no_grad():
-        theta = model.sample(m, torch.Generator(device=x.device).manual_seed(cfg.eval_seed))  # as sample_probs
     fresh_g = torch.Generator(device=x.device).manual_seed(cfg.eval_seed + 1)
 
-    def fresh(t):  # new networks at every step (the standard ensemble has only its members)
+    def fresh(t):  # new networks at every step
         with torch.no_grad():
-            return model.sample(m, fresh_g)
+            return model.sample(len(theta[0][0]), fresh_g)
 
     fixed = lambda t: theta
     start_g = torch.Generator(device=x.device).manual_seed(cfg.eval_seed + 2)
     chunk = 100                                                              # images at a time: bounded memory
-    with torch.no_grad():
-        clean = torch.cat([ensemble_log_probs(net, theta, x[i:i + chunk]).exp() for i in range(0, len(x), chunk)])
+    clean = ensemble_probs(net, theta, x)
     correct = clean.argmax(-1) == y
-    result = dict(networks=m, images=len(x), clean_accuracy=correct.float().mean().item())
-    for name, steps, thetas in (("fgsm", 1, fixed), ("pgd", cfg.pgd_steps, fixed), ("pgd_fresh", cfg.pgd_steps, fresh)):
+    result = dict(networks=len(theta[0][0]), images=len(x), clean_accuracy=correct.float().mean().item(),
+                  fresh_networks_differ=cfg.method == "hypergan")
+    for name, steps, networks_at_step in (("fgsm", 1, fixed), ("pgd", cfg.pgd_steps, fixed),
+                                          ("pgd_fresh", cfg.pgd_steps, fresh)):
         result[name] = {}
         for eps in cfg.epsilon_list():
-            adv = torch.cat([attack(net, thetas, x[i:i + chunk], y[i:i + chunk], eps, steps, data, start_g)
+            adv = torch.cat([attack(net, networks_at_step, x[i:i + chunk], y[i:i + chunk], eps, steps, data, start_g)
                              for i in range(0, len(x), chunk)])
-            with torch.no_grad():
-                p_adv = torch.cat([ensemble_log_probs(net, theta, adv[i:i + chunk]).exp()
-                                   for i in range(0, len(x), chunk)])
+            p_adv = ensemble_probs(net, theta, adv)
             wrong = p_adv.argmax(-1) != y
             flipped = correct & wrong
             r = dict(accuracy=1 - wrong.float().mean().item(),
@@ -1032,27 +1058,35 @@ def adversarial_evaluation(model, net, data, cfg):
         print(f"  {name:9s} " + "  ".join(f"eps {e}: acc {100 * r['accuracy']:5.1f} % auroc "
                                         + (f"{r['auroc']:.3f}" if r["auroc"] is not None else "  -  ")
                                         for e, r in result[name].items()), flush=True)
-    model.train()
     return result
 
 
-def uncertainty_evaluation(model, net, data, cfg, test_probs):
-    """OOD detection for every --ood set and, with --adversarial, the attacks. test_probs: the
-    evaluation networks' softmax on the test set (its first uq_networks rows are the ensemble)."""
-    m = cfg.uq_networks
-    out = {}
-    if data["ood"]:
-        p_in = test_probs[:m].mean(0)
-        out["ood"] = {}
-        for name, x_ood in data["ood"].items():
-            p_out = sample_probs(model, net, x_ood, m, cfg.eval_seed).mean(0)  # the same m networks
-            r = out["ood"][name] = dict(detection(p_in, p_out), networks=m)
-            print(f"ood {name:12s} AUROC {r['auroc']:.4f}  FPR at 95 % TPR {r['fpr95']:.4f}  mean entropy "
-                  f"in {r['entropy_in_mean']:.3f} / out {r['entropy_out_mean']:.3f}  ({m} networks)", flush=True)
-    if cfg.adversarial:
-        print(f"adversarial: {cfg.uq_networks} networks, first {cfg.adv_images} test images, "
-              f"accuracy under attack and detection AUROC by entropy", flush=True)
-        out["adversarial"] = adversarial_evaluation(model, net, data, cfg)
+def uncertainty_evaluation(model, net, data, cfg):
+    """OOD detection for every --ood set and, with --adversarial, the attacks, all with one ensemble:
+    the first --uq-networks networks of the evaluation noise (a standard ensemble: its first members).
+    The global generator is seeded inside (MC dropout's masks) and restored after."""
+    if not (cfg.ood_sets() or cfg.adversarial):
+        return {}
+    x_test = data["test"][0]
+    model.eval()
+    with torch.random.fork_rng(devices=[x_test.device.index or 0] if x_test.device.type == "cuda" else []):
+        torch.manual_seed(cfg.eval_seed)
+        with torch.no_grad():
+            theta = model.sample(cfg.uq_networks, torch.Generator(device=x_test.device).manual_seed(cfg.eval_seed))
+        out = {}
+        if cfg.ood_sets():
+            p_in = ensemble_probs(net, theta, x_test)
+            out["ood"] = dict(data["ood_skipped"])                              # {name: {"skipped": why}}
+            for name, x_ood in data["ood"].items():
+                r = out["ood"][name] = dict(detection(p_in, ensemble_probs(net, theta, x_ood)), networks=cfg.uq_networks)
+                print(f"ood {name:12s} AUROC {r['auroc']:.4f}  FPR at 95 % TPR {r['fpr95']:.4f}  mean entropy "
+                      f"in {r['entropy_in_mean']:.3f} / out {r['entropy_out_mean']:.3f}  ({cfg.uq_networks} networks)",
+                      flush=True)
+        if cfg.adversarial:
+            print(f"adversarial: {cfg.uq_networks} networks, first {cfg.adv_images} test images, "
+                  f"accuracy under attack and detection AUROC by entropy", flush=True)
+            out["adversarial"] = adversarial_evaluation(model, net, theta, data, cfg)
+    model.train()
     return out
 
 
@@ -1088,14 +1122,14 @@ def load_checkpoint(path):
 
 
 ARCH_FIELDS = ("dataset", "method", "s_dim", "d_dim", "hidden", "mixer", "dropout")  # must match to load a checkpoint
-TRAINING_FIELDS = ("seed", "epochs", "networks_per_step", "images_per_network", "lr", "lr_d", "beta",
+TRAINING_FIELDS = ("seed", "epochs", "networks_per_step", "images_per_network", "lr", "lr_d", "beta", "q_loss",
                    "init_spread", "pretrain_steps", "val_size")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}  # for checkpoints written before a field existed
 
 
 def restore(ckpt, cfg, model, D, state, path):
     """Loads a checkpoint into model (and training state). The architecture must match."""
-    for k in ARCH_FIELDS:
+    for k in ARCH_FIELDS + (("networks_per_step",) if cfg.method == "ensemble" else ()):  # its member count
         trained = ckpt["config"].get(k, DEFAULTS[k])
         if trained != getattr(cfg, k):
             raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {trained}, "
@@ -1198,7 +1232,7 @@ def run_toy(cfg):
     model.train()
     for step in range(cfg.epochs):
         stats = train_step(model, D, net, opts, x.expand(K, *x.shape), (y / scale).expand(K, -1), cfg.beta, off,
-                           task_loss=regression_loss)
+                           task_loss=regression_loss, nonsaturating=cfg.q_loss == "nonsaturating")
         sched.step()
         if (step + 1) % max(1, cfg.epochs // 5) == 0:
             names = STAT_NAMES if D is not None else BASELINE_STAT_NAMES
@@ -1211,8 +1245,8 @@ def run_toy(cfg):
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.eval_seed)
         g = torch.Generator(device=device).manual_seed(cfg.eval_seed)
-        pred = functional_forward(net, model.sample(n, g), grid).squeeze(-1) * scale   # (n, 241)
-        train_pred = functional_forward(net, model.sample(n, g), x).squeeze(-1) * scale
+        both = functional_forward(net, model.sample(n, g), torch.cat([grid, x])).squeeze(-1) * scale
+    pred, train_pred = both[:, :len(grid)], both[:, len(grid):]                # (n, 241), (n, 20)
     mean, std = pred.mean(0), pred.std(0)
     inside = grid.squeeze(1).abs() <= 4
     toy = dict(networks=n, x=grid.squeeze(1).tolist(), mean=mean.tolist(), std=std.tolist(),
@@ -1248,7 +1282,8 @@ def run_label(r):
     """A setting's name: the method, and the ablations that differ from the defaults."""
     c = r["config"]
     label = r["method"] + (" (beta 0)" if c["beta"] == 0 and r["method"] == "hypergan" else "")
-    return label + (" (no mixer)" if not c.get("mixer", True) and r["method"] == "hypergan" else "")
+    label += " (no mixer)" if not c.get("mixer", True) and r["method"] == "hypergan" else ""
+    return label + (" (non-saturating Q)" if c.get("q_loss") == "nonsaturating" else "")
 
 
 def draw_figures(groups, out_dir):
@@ -1269,12 +1304,13 @@ def draw_figures(groups, out_dir):
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
 
-    ood_sets = sorted({n for _, rs in groups for r in rs for n in r.get("ood") or {}})
+    measured = lambda r, name: "ecdf" in (r.get("ood") or {}).get(name, {})    # not a skipped set
+    ood_sets = sorted({n for _, rs in groups for r in rs for n in r.get("ood") or {} if measured(r, n)})
     if ood_sets:  # the paper's form: empirical CDF of the entropy, in- vs out-of-distribution
         fig, axes = plt.subplots(1, len(ood_sets), figsize=(5 * len(ood_sets), 4), squeeze=False)
         for ax, name in zip(axes[0], ood_sets):
             for i, (label, rs) in enumerate(groups):
-                e = [r["ood"][name]["ecdf"] for r in rs if name in (r.get("ood") or {})]
+                e = [r["ood"][name]["ecdf"] for r in rs if measured(r, name)]
                 if e:
                     q = e[0]["quantiles"]
                     ax.plot(mean([c["entropy_in"] for c in e]), q, f"C{i}--", label=f"{label}: test (in)")
@@ -1311,8 +1347,9 @@ def draw_figures(groups, out_dir):
                                     marker="o", label=label)
                     axes[1][j].plot([float(e) for e in eps], mean([[nan_if_none(x[e]["auroc"]) for e in eps]
                                                                    for x in adv]), marker="o", label=label)
-            axes[0][j].set(title=a.replace("_fresh", ", fresh networks each step").upper(), ylabel="accuracy under attack (%)")
-            axes[1][j].set(xlabel="eps (L-inf, [0, 1] pixels)", ylabel="detection AUROC (entropy)")
+            title = dict(fgsm="FGSM", pgd="PGD", pgd_fresh="PGD, fresh networks at every step")[a]
+            axes[0][j].set(title=title, ylabel="accuracy under attack (%)", xscale="log")
+            axes[1][j].set(xlabel="eps (L-inf, [0, 1] pixels)", ylabel="detection AUROC (entropy)", xscale="log")
         axes[0][0].legend(fontsize=8)
         save(fig, "adversarial.png")
     toys = [(label, rs[0]["toy"]) for label, rs in groups if rs[0].get("toy")]
@@ -1353,10 +1390,20 @@ def compare_runs(cfg):
             assert "method" in runs[-1] and "config" in runs[-1]
         except (OSError, ValueError, AssertionError) as e:
             raise UserError(f"{path!r} is not a results.json of a finished run ({type(e).__name__})")
-    groups = {}  # runs of one setting, i.e. seeds; the data set is named when runs differ in it
-    several = len({r["dataset"] for r in runs}) > 1
+    # Runs whose configurations differ only in the seed (and in where files go) are one setting.
+    ignored = {"seed", "out_dir", "data_root", "download", "device", "resume", "eval_only", "checkpoint",
+               "export", "compare", "figures", "log_every"}
+    setting = lambda r: json.dumps({k: v for k, v in r["config"].items() if k not in ignored}, sort_keys=True)
+    by_setting = {}
     for r in runs:
-        groups.setdefault(run_label(r) + (f" on {r['dataset']}" if several else ""), []).append(r)
+        by_setting.setdefault(setting(r), []).append(r)
+    several = len({r["dataset"] for r in runs}) > 1       # the data set is named when runs differ in it
+    groups = {}
+    for rs in by_setting.values():
+        label = run_label(rs[0]) + (f" on {rs[0]['dataset']}" if several else "")
+        while label in groups:                            # same method, other settings: number them
+            label += "'"
+        groups[label] = rs
     fmt = lambda ms, k=100, d=2: "-" if ms is None else f"{k * ms['mean']:.{d}f} ± {k * ms['std']:.{d}f}"
     summary = {}
     for label, rs in groups.items():
@@ -1366,13 +1413,16 @@ def compare_runs(cfg):
             s["single"] = mean_std([r["accuracy"]["single_mean"] for r in rs])
             s["ensemble"] = {m: mean_std([(r["accuracy"]["ensemble"].get(m) or {}).get("mean") for r in rs])
                              for m in ("5", "10", "100")}
-        s["ood"] = {n: {k: mean_std([r["ood"][n][k] for r in rs if n in (r.get("ood") or {})])
+        measured = [(n, r["ood"][n]) for r in rs for n in r.get("ood") or {} if "auroc" in r["ood"][n]]
+        s["ood"] = {n: {k: mean_std([o[k] for m, o in measured if m == n])
                         for k in ("auroc", "fpr95", "entropy_in_mean", "entropy_out_mean")}
-                    for n in sorted({n for r in rs for n in r.get("ood") or {}})}
+                    for n in sorted({n for n, _ in measured})}
         adv = [r["adversarial"] for r in rs if r.get("adversarial")]
         s["adversarial"] = {a: {e: {k: mean_std([x[a][e][k] for x in adv]) for k in ("accuracy", "auroc")}
                                 for e in adv[0][a]} for a in ("fgsm", "pgd", "pgd_fresh")} if adv else {}
-        print(f"\n{label}: {len(rs)} run(s), seeds {seeds}, training {fmt(s['train_seconds'], 1 / 60, 1)} min")
+        c = rs[0]["config"]
+        print(f"\n{label}: {len(rs)} run(s), seeds {seeds}, {c['epochs']} epochs, K {c['networks_per_step']}, "
+              f"b {c['images_per_network']}, training {fmt(s['train_seconds'], 1 / 60, 1)} min")
         if "single" in s:
             print(f"  test accuracy %: single {fmt(s['single'])}, "
                   + ", ".join(f"{m}-ensemble {fmt(v)}" for m, v in s["ensemble"].items() if v))
@@ -1415,12 +1465,15 @@ def run(cfg):
     if cfg.eval_only and not cfg.checkpoint:
         raise UserError("--eval-only needs --checkpoint PATH")
     ckpt = load_checkpoint(ckpt_path) if (cfg.eval_only or cfg.resume) else None
+    if cfg.eval_only:
+        for k in TRAINING_FIELDS:  # how the checkpoint was trained (K: the standard ensemble's size)
+            setattr(cfg, k, ckpt["config"].get(k, DEFAULTS[k]))
     data = load_data(cfg, device)
     net = TARGETS[data["arch"]](data["num_classes"], cfg.dropout if cfg.method == "dropout" else 0.0).to(device)
     model, D = build_model(cfg, net)
     model, D = model.to(device), D.to(device) if D is not None else None
     n_eval = min(cfg.eval_networks, model.max_networks)      # the standard ensemble has K members
-    if (data["ood"] or cfg.adversarial) and cfg.uq_networks > n_eval:
+    if (cfg.ood or cfg.adversarial) and cfg.uq_networks > n_eval:
         raise UserError(f"--uq-networks {cfg.uq_networks} is more than the {n_eval} networks evaluated")
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -1431,8 +1484,6 @@ def run(cfg):
         + (" in Q and G" if D is not None else ""))
     if cfg.eval_only:
         restore(ckpt, cfg, model, D, None, ckpt_path)
-        for k in TRAINING_FIELDS:  # results.json reports how the checkpoint was trained
-            setattr(cfg, k, ckpt["config"][k])
         train_seconds, steps = ckpt["seconds"], ckpt["steps"]
     else:
         total_steps = epoch_layout(cfg, len(data["train"][0]), world)[0] * cfg.epochs
@@ -1464,12 +1515,11 @@ def run(cfg):
         return None
     history = ckpt["history"] if cfg.eval_only else state["history"]
     t0 = time.perf_counter()
-    test_probs = sample_probs(model, net, data["test"][0], n_eval, cfg.eval_seed)  # (n_eval, images, classes)
-    result = evaluate(model, net, *data["test"], n_eval, seed=cfg.eval_seed, probs=test_probs)
+    result = evaluate(model, net, *data["test"], n_eval, seed=cfg.eval_seed)
     eval_seconds = time.perf_counter() - t0
     print(f"\ntest set, {n_eval} sampled networks ({eval_seconds:.1f} s); pairwise "
           f"disagreement {100 * result.get('disagreement', 0):.2f} %\n" + format_table(cfg.dataset, result))
-    uncertainty = uncertainty_evaluation(model, net, data, cfg, test_probs)
+    uncertainty = uncertainty_evaluation(model, net, data, cfg)
     K_b = cfg.networks_per_step * cfg.images_per_network * world   # network-image passes per step
     results = dict(dataset=cfg.dataset, method=cfg.method, config=dataclasses.asdict(cfg), processes=world,
                    accuracy=dict(single_mean=result["single_mean"], single_std=result["single_std"],

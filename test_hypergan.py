@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import hypergan as H
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# A short synthetic run: 2 epochs of 8 networks x 8 images, small evaluation.
+# A short synthetic run: 2 epochs of 8 networks x 8 images, small evaluation, no figures.
 FAST = ["--dataset", "synthetic-mnist", "--epochs", "2", "--networks-per-step", "8", "--images-per-network", "8",
         "--eval-networks", "10", "--val-networks", "2", "--pretrain-steps", "5", "--hidden", "64", "--d-dim", "16",
-        "--s-dim", "16"]
+        "--s-dim", "16", "--no-figures"]
 
 
 def cli(*args, check=True):
@@ -289,10 +289,12 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsy
 
 
 # ----- several processes (torchrun, gloo on CPU) ------------------------------------------------
-def test_two_processes_stay_identical_and_checkpoint_loads(tmp_path):
+@pytest.mark.parametrize("method", ["hypergan", "ensemble"])
+def test_two_processes_stay_identical_and_checkpoint_loads(tmp_path, method):
     out = str(tmp_path / "ddp")
+    extra = ["--method", method] + (["--networks-per-step", "4", "--epochs", "1"] if method == "ensemble" else [])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "hypergan.py"), *FAST, "--out-dir", out],
+                        os.path.join(HERE, "hypergan.py"), *FAST, *extra, "--out-dir", out],
                        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     sums = sorted(line for line in r.stdout.splitlines() if "parameter checksum" in line)
@@ -300,6 +302,182 @@ def test_two_processes_stay_identical_and_checkpoint_loads(tmp_path):
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["processes"] == 2
     ce = [h["train"]["ce"] for h in res["history"]]
-    assert ce[-1] < ce[0], ce
-    ev = cli(*FAST, "--out-dir", str(tmp_path / "eval"), "--eval-only", "--checkpoint", os.path.join(out, "checkpoint.pt"))
+    assert ce[-1] < ce[0] if len(ce) > 1 else res["accuracy"]["single_mean"] > 0.5, ce
+    ev = cli(*FAST, *extra, "--out-dir", str(tmp_path / "eval"), "--eval-only", "--checkpoint",
+             os.path.join(out, "checkpoint.pt"))
     assert "test set" in ev.stdout
+
+
+# ----- uncertainty: baselines, OOD and adversarial detection, diversity, the toy (issue 3) ------
+def test_entropy_of_uniform_and_one_hot():
+    assert H.entropy(torch.full((7,), 1 / 7)).item() == pytest.approx(math.log(7))
+    assert H.entropy(F.one_hot(torch.tensor(3), 7).float()).item() == 0
+    assert H.entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]])).tolist() == pytest.approx([math.log(2), 0])
+
+
+def test_auroc_and_fpr95_by_hand():
+    # positives above every negative / below every negative / all tied
+    assert H.auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4])) == 1
+    assert H.auroc(torch.tensor([0.3, 0.4]), torch.tensor([0.1, 0.2])) == 0
+    assert H.auroc(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0])) == 0.5
+    # neg (1, 2, 3), pos (2, 4): pairs pos > neg: 2>1 (1), 2=2 (1/2), 4>all (3) -> 4.5 of 6
+    assert H.auroc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0])) == pytest.approx(4.5 / 6)
+    # 20 positives: the threshold keeping 19 of them (95 %) is the 19th highest score
+    pos = torch.arange(1.0, 21.0)                                  # 1..20 -> threshold 2
+    assert H.fpr_at_95_tpr(torch.tensor([0.5, 1.0, 2.0, 3.0]), pos) == 0.5   # 2 and 3 are flagged
+    # ties at the threshold are flagged: every negative equals it
+    assert H.fpr_at_95_tpr(torch.full((4,), 2.0), pos) == 1
+    assert H.fpr_at_95_tpr(torch.tensor([0.0, 1.0]), pos) == 0
+
+
+@pytest.fixture(scope="module")
+def trained_ensemble(tmp_path_factory):
+    """A tiny standard ensemble (4 members) trained by the CLI, loaded back with its data."""
+    out = str(tmp_path_factory.mktemp("ens"))
+    cli(*FAST, "--method", "ensemble", "--networks-per-step", "4", "--eval-networks", "4", "--out-dir", out)
+    cfg = H.parse_args(FAST + ["--method", "ensemble", "--networks-per-step", "4", "--uq-networks", "4"])
+    data = H.load_data(cfg, torch.device("cpu"))
+    net = H.small_net(10)
+    model, _ = H.build_model(cfg, net)
+    model.load_state_dict(torch.load(os.path.join(out, "best.pt"), weights_only=True)["model"])
+    return out, cfg, data, net, model
+
+
+def test_fgsm_raises_loss_within_eps_and_pixel_range(trained_ensemble):
+    _, cfg, data, net, model = trained_ensemble
+    x, y = (t[:64] for t in data["test"])
+    theta = [(w.detach(), b.detach()) for w, b in model.sample(4)]
+    eps = 0.05
+    adv = H.attack(net, lambda t: theta, x, y, eps, 1, data)
+    nll = lambda inputs: F.nll_loss(H.ensemble_log_probs(net, theta, inputs), y).item()
+    assert nll(adv) > nll(x)
+    pixels, adv_pixels = (t * data["std"] + data["mean"] for t in (x, adv))
+    assert (adv_pixels - pixels).abs().max() <= eps + 1e-5
+    assert adv_pixels.min() >= -1e-6 and adv_pixels.max() <= 1 + 1e-6
+    # PGD (several steps from a random start) obeys the same bounds and hurts at least as much here
+    pgd = H.attack(net, lambda t: theta, x, y, eps, 5, data, torch.Generator().manual_seed(0))
+    assert ((pgd * data["std"] + data["mean"]) - pixels).abs().max() <= eps + 1e-5
+    assert nll(pgd) > nll(x)
+    # an attack too small to flip anything: accuracy unchanged, nothing to detect (AUROC null)
+    cfg = H.parse_args(FAST + ["--epsilons", "1e-6", "--adv-images", "32", "--pgd-steps", "2"])
+    res = H.adversarial_evaluation(model, net, theta, data, cfg)
+    for attack in ("fgsm", "pgd", "pgd_fresh"):
+        r = res[attack]["1e-06"]
+        assert r["auroc"] is None and r["accuracy"] == pytest.approx(res["clean_accuracy"]) and r["success_rate"] == 0
+
+
+def test_standard_ensemble_members_are_independent_and_fixed(trained_ensemble, tmp_path):
+    # independently initialised: members differ before any training, the template net is untouched
+    template = H.small_net(10)
+    before = template[0].weight.clone()
+    w0 = H.StandardEnsemble(template, 3).sample(3)[0][0]
+    assert all((w0[i] - w0[j]).abs().mean() > 0.5 * w0.abs().mean() for i, j in ((0, 1), (0, 2), (1, 2)))
+    assert torch.equal(template[0].weight, before)
+    out, cfg, data, net, model = trained_ensemble
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["method"] == "ensemble" and res["accuracy"]["single_mean"] > 0.6
+    assert res["accuracy"]["ensemble"]["100"] is None                 # only 4 members
+    theta = model.sample(4)
+    w = theta[0][0]
+    assert (w[0] - w[1]).abs().mean() > 0.1 * w.abs().mean()         # independently initialised
+    torch.testing.assert_close(model.sample(2, first=2)[0][0], w[2:])  # sampling = taking members
+    with pytest.raises(H.UserError):
+        model.sample(3, first=2)
+    # its checkpoint evaluates through the same --eval-only path; the member count comes from it
+    ev = cli(*FAST, "--method", "ensemble", "--eval-only", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+             "--out-dir", str(tmp_path / "ev"))
+    assert "test set, 4 sampled networks" in ev.stdout
+    msg = one_line_error(cli(*FAST, "--method", "ensemble", "--resume", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+                             "--out-dir", str(tmp_path / "ev2"), check=False))
+    assert "--networks-per-step" in msg
+
+
+def test_dropout_masks_differ_but_repeat_with_the_seed():
+    cfg = H.parse_args(FAST + ["--method", "dropout"])
+    net = H.small_net(10, p=0.5)
+    model, D = H.build_model(cfg, net)
+    assert D is None and isinstance(model, H.MCDropout)
+    x = torch.randn(6, 1, 28, 28)
+    a = H.sample_probs(model, net, x, 4, seed=5)
+    assert (a[0] - a[1]).abs().max() > 1e-3                            # two masks, two predictions
+    torch.testing.assert_close(H.sample_probs(model, net, x, 4, seed=5), a)
+    # run through the same architecture without dropout layers, the 'networks' are one network
+    b = H.sample_probs(model, H.small_net(10), x, 2, seed=5)
+    torch.testing.assert_close(b[0], b[1])
+
+
+def test_no_mixer_gives_independent_codes():
+    net = H.small_net(10)
+    model = H.HyperGAN(net, s_dim=16, d_dim=8, hidden=32, mixer=False)
+    assert isinstance(model.Q, torch.nn.Identity) and model.s_dim == 3 * 8
+    s = model.sample_s(5)
+    torch.testing.assert_close(model.codes(s), s.view(5, 3, 8))      # z_i = the i-th slice of the noise
+    assert H.pretrain_mixer(model, 5) is None                         # nothing to pre-train
+
+
+def test_ood_and_adversarial_end_to_end_fill_results_and_figures(tmp_path):
+    out = tmp_path / "uq"
+    nm = tmp_path / "data" / "notMNIST_small"                           # a tiny notMNIST folder
+    from PIL import Image
+    for letter in "AB":
+        (nm / letter).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((torch.rand(28, 28) * 255).byte().numpy()).save(nm / letter / f"{i}.png")
+    (nm / "A" / "broken.png").write_bytes(b"not a png")               # skipped, as in the real archive
+    r = cli(*[a for a in FAST if a != "--no-figures"], "--data-root", str(tmp_path / "data"),
+            "--ood", "noise,notmnist", "--adversarial", "--adv-images", "64", "--epsilons", "0.05,0.3",
+            "--pgd-steps", "2", "--uq-networks", "4", "--out-dir", str(out))
+    res = json.load(open(out / "results.json"))
+    for name in ("noise", "notmnist"):
+        o = res["ood"][name]
+        assert {"auroc", "fpr95", "entropy_in_mean", "entropy_out_mean"} <= o.keys() and 0 <= o["auroc"] <= 1
+    assert res["ood"]["notmnist"]["n_out"] == 6
+    assert res["ood"]["noise"]["auroc"] > 0.9                          # noise is easy to tell apart
+    adv = res["adversarial"]
+    for attack in ("fgsm", "pgd", "pgd_fresh"):
+        assert set(adv[attack]) == {"0.05", "0.3"}
+        assert adv[attack]["0.3"]["accuracy"] <= adv["clean_accuracy"]
+    assert len(res["history"]) == 2 and 0 <= res["history"][-1]["diversity"]["disagreement"] <= 1
+    assert len(res["history"][-1]["diversity"]["weight_norm_rsd"]) == 3
+    for png in ("entropy_cdf.png", "diversity.png", "adversarial.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    # --compare pools runs of one setting (here the same run twice) and draws the same figures
+    cmp = cli("--compare", str(out), str(out), "--out-dir", str(tmp_path / "cmp"))
+    summary = json.load(open(tmp_path / "cmp" / "comparison.json"))["settings"]["hypergan"]
+    assert summary["runs"] == 2 and summary["ood"]["noise"]["auroc"]["std"] == 0
+    assert (tmp_path / "cmp" / "entropy_cdf.png").stat().st_size > 10_000 and "hypergan: 2 run(s)" in cmp.stdout
+
+
+def test_missing_notmnist_is_skipped_with_a_message_not_replaced(tmp_path, capsys):
+    cfg = H.parse_args(FAST + ["--ood", "notmnist,noise", "--data-root", str(tmp_path)])
+    data = H.load_data(cfg, torch.device("cpu"))
+    assert set(data["ood"]) == {"noise"} and "skipped" in data["ood_skipped"]["notmnist"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("ood notmnist: skipped")
+
+
+@pytest.mark.parametrize("variant", [["--method", "dropout"], ["--no-mixer"], ["--beta", "0"]])
+def test_baseline_and_ablations_train_and_evaluate(tmp_path, variant):
+    cli(*FAST, "--epochs", "1", *variant, "--out-dir", str(tmp_path))
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["accuracy"]["single_mean"] > 0.5 and res["method"] == (variant[1] if variant[0] == "--method" else "hypergan")
+    assert res["history"][0]["diversity"]["disagreement"] >= 0
+
+
+def test_uncertainty_bad_input():
+    assert "unknown --ood" in one_line_error(cli(*FAST, "--ood", "imagenet", check=False))
+    assert "--dataset mnist0-4" in one_line_error(cli(*FAST, "--ood", "mnist5-9", check=False))
+    assert "--epsilons" in one_line_error(cli(*FAST, "--epsilons", "0.1,big", check=False))
+    assert "--dropout" in one_line_error(cli(*FAST, "--method", "dropout", "--dropout", "0", check=False))
+    msg = one_line_error(cli(*FAST, "--method", "ensemble", "--networks-per-step", "4", "--ood", "noise", check=False))
+    assert "--uq-networks" in msg
+    assert "results.json" in one_line_error(cli("--compare", "/nonexistent", check=False))
+
+
+def test_toy_spread_is_larger_outside_the_data(tmp_path):
+    cli("--dataset", "toy", "--epochs", "600", "--out-dir", str(tmp_path))
+    toy = json.load(open(tmp_path / "results.json"))["toy"]
+    assert toy["spread_outside"] > 2 * toy["spread_inside"], toy
+    assert toy["train_mse"] < 40                                     # fits the points (noise variance 9)
+    assert (tmp_path / "toy.png").stat().st_size > 10_000
