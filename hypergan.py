@@ -255,7 +255,10 @@ def torchvision_split(name, root, train, download):
                "check the network, or put the files there and pass --no-download")
         raise UserError(f"could not load {name} from {root!r} ({type(e).__name__}: {str(e).splitlines()[0]}); {how}")
     x = torch.as_tensor(ds.data)
-    x = x.unsqueeze(1) if x.dim() == 3 else x if name == "svhn" else x.permute(0, 3, 1, 2)  # (n, C, H, W)
+    if x.dim() == 3:                                        # MNIST-like: (n, H, W)
+        x = x.unsqueeze(1)
+    elif name != "svhn":                                    # CIFAR: (n, H, W, C); SVHN is (n, C, H, W)
+        x = x.permute(0, 3, 1, 2)
     return x.float().div(255), torch.as_tensor(ds.labels if name == "svhn" else ds.targets).long()
 
 
@@ -270,10 +273,13 @@ def notmnist_images(root):
         return None
     images = []
     for letter in sorted(os.listdir(folder)):
-        for name in sorted(os.listdir(os.path.join(folder, letter))) if os.path.isdir(os.path.join(folder, letter)) else []:
+        letter_folder = os.path.join(folder, letter)
+        if not os.path.isdir(letter_folder):
+            continue
+        for name in sorted(os.listdir(letter_folder)):
             try:
-                with Image.open(os.path.join(folder, letter, name)) as im:
-                    images.append(pil_to_tensor(im.convert("L")))
+                with Image.open(os.path.join(letter_folder, name)) as im:
+                    images.append(pil_to_tensor(im.convert("L")))          # (1, 28, 28) uint8
             except (OSError, ValueError):
                 continue
     return torch.stack(images).float().div(255) if images else None
@@ -305,8 +311,8 @@ def load_ood(name, cfg, data, raw_test_held_out):
 
 
 def load_data(cfg, device):
-    """Returns dict(train=(x, y), val=(x, y), test=(x, y), ood={name: x}, num_classes, arch,
-    augment, black, mean, std, normalise).
+    """Returns dict(train=(x, y), val=(x, y), test=(x, y), ood={name: x}, ood_skipped={name: why},
+    num_classes, arch, augment, black, mean, std, normalise).
     Deviation (official code selected on the test set): the validation split is held out of the
     training set with a fixed generator (seed 0), so it is the same images whatever --seed says;
     the test set is never used for selection."""
@@ -402,7 +408,7 @@ def mednet(num_classes=10, p=0.0):
 
 
 def toy_net(num_classes=1, p=0.0):
-    """The 1D toy's target (official V1): x -> 200 ELU units -> y."""
+    """The 1D toy's target (official V1): x -> 200 ELU units -> y (num_classes: unused, one output)."""
     return nn.Sequential(nn.Linear(1, 200), nn.ELU(), *dropout_layer(p), nn.Linear(200, 1))
 
 
@@ -570,12 +576,13 @@ class StandardEnsemble(nn.Module):
             for stack, layer in zip(stacks, param_layers(net)):
                 layer.reset_parameters()                                      # a fresh default init
                 stack.append((layer.weight.detach().clone(), layer.bias.detach().clone()))
+        # per layer, in order: weight (M, *weight.shape), bias (M, *bias.shape)
         self.params = nn.ParameterList(nn.Parameter(torch.stack(t)) for stack in stacks for t in zip(*stack))
 
     def sample(self, n, generator=None, first=0):
         if first + n > self.max_networks:
             raise UserError(f"the standard ensemble has {self.max_networks} members; networks "
-                            f"{first}..{first + n - 1} were asked for (lower --uq-networks or raise K)")
+                            f"{first}..{first + n - 1} were asked for (lower --uq-networks or raise --networks-per-step)")
         p = [t[first:first + n] for t in self.params]
         return list(zip(p[0::2], p[1::2]))                                    # [(weight, bias)] per layer
 
@@ -1381,6 +1388,8 @@ def mean_std(values):
 
 
 def compare_runs(cfg):
+    """--compare DIR ...: accuracy, OOD and attack results of finished runs side by side, the runs
+    of one setting pooled as seeds (mean ± std); writes comparison.json and the figures."""
     runs = []
     for folder in cfg.compare:
         path = os.path.join(folder, "results.json")
@@ -1392,7 +1401,7 @@ def compare_runs(cfg):
             raise UserError(f"{path!r} is not a results.json of a finished run ({type(e).__name__})")
     # Runs whose configurations differ only in the seed (and in where files go) are one setting.
     ignored = {"seed", "out_dir", "data_root", "download", "device", "resume", "eval_only", "checkpoint",
-               "export", "compare", "figures", "log_every"}
+               "export", "compare", "figures", "log_every", "bf16"}
     setting = lambda r: json.dumps({k: v for k, v in r["config"].items() if k not in ignored}, sort_keys=True)
     by_setting = {}
     for r in runs:
