@@ -33,6 +33,7 @@ OOD out-of-distribution, AUROC area under the ROC curve, FPR95 false-positive ra
 true positives, eps the size of an adversarial perturbation.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -205,6 +206,15 @@ def parse_args(argv=None):
 
 def set_seed(seed):
     torch.manual_seed(seed)  # seeds the CPU and every CUDA generator; data splits have their own
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed, device):
+    """Inside: the global generators (what dropout draws its masks from) seeded with `seed`; after:
+    restored, so an evaluation never changes the random numbers of training."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def pick_device(name):
@@ -847,8 +857,7 @@ def sample_probs(model, net, x, n_networks, seed, nets_per_chunk=None, images_pe
     model.eval()
     g = torch.Generator(device=x.device).manual_seed(seed)
     out = []
-    with torch.random.fork_rng(devices=[x.device.index or 0] if x.device.type == "cuda" else []):
-        torch.manual_seed(seed)                                          # dropout masks
+    with seeded_global_rng(seed, x.device):                             # MC dropout's masks
         for k0 in range(0, n_networks, nets_per_chunk):
             theta = model.sample(min(nets_per_chunk, n_networks - k0), g, first=k0)
             out.append(torch.cat([functional_forward(net, theta, x[i:i + images_per_chunk]).float().softmax(-1)
@@ -1001,7 +1010,9 @@ def attack(net, networks_at_step, x, y, eps, steps, data, generator=None):
     start); steps>1 is PGD (Madry et al.: random start in the ball, alpha = 2.5 eps / steps).
     networks_at_step(t) gives the theta attacked at step t: always the same networks, or fresh ones
     at every step (the official code's attack on the distribution).
-    x: (B, C, H, W) normalised, y: (B,). Returns the adversarial images, normalised, (B, C, H, W)."""
+    x: (B, C, H, W) normalised, y: (B,). Returns the adversarial images, normalised, (B, C, H, W).
+    Deviation (official code: foolbox, against one sampled network, 100 BIM iterations of step 1):
+    white box on the very ensemble whose entropy detects, and 10 PGD steps, for a CPU budget."""
     pixels = x * data["std"] + data["mean"]                                 # back to [0, 1]
     if steps == 1:
         adv, alpha = pixels.clone(), eps
@@ -1076,8 +1087,7 @@ def uncertainty_evaluation(model, net, data, cfg):
         return {}
     x_test = data["test"][0]
     model.eval()
-    with torch.random.fork_rng(devices=[x_test.device.index or 0] if x_test.device.type == "cuda" else []):
-        torch.manual_seed(cfg.eval_seed)
+    with seeded_global_rng(cfg.eval_seed, x_test.device):
         with torch.no_grad():
             theta = model.sample(cfg.uq_networks, torch.Generator(device=x_test.device).manual_seed(cfg.eval_seed))
         out = {}
@@ -1224,8 +1234,9 @@ def run_toy(cfg):
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     x, y = (t.to(device) for t in toy_data())
-    # Ours: the targets are divided by their std (about 40), so the MSE is of order 1 like Eq. (1)'s
-    # cross-entropy and beta keeps its meaning; predictions are scaled back for the results.
+    # Deviation (official V1 trains on the raw targets): they are divided by their std (about 40),
+    # so the MSE is of order 1 like Eq. (1)'s cross-entropy and beta keeps its meaning; predictions
+    # are scaled back for the results.
     scale = y.std()
     net = toy_net(p=cfg.dropout if cfg.method == "dropout" else 0.0).to(device)
     model, D = build_model(cfg, net)
@@ -1249,8 +1260,7 @@ def run_toy(cfg):
     grid = torch.linspace(-6, 6, 241, device=device).unsqueeze(1)
     n = min(100, model.max_networks)
     model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.eval_seed)
+    with torch.no_grad(), seeded_global_rng(cfg.eval_seed, device):
         g = torch.Generator(device=device).manual_seed(cfg.eval_seed)
         both = functional_forward(net, model.sample(n, g), torch.cat([grid, x])).squeeze(-1) * scale
     pred, train_pred = both[:, :len(grid)], both[:, len(grid):]                # (n, 241), (n, 20)
