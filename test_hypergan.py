@@ -415,6 +415,20 @@ def test_no_mixer_gives_independent_codes():
     assert H.pretrain_mixer(model, 5) is None                         # nothing to pre-train
 
 
+def test_lr_q_gives_the_mixer_its_own_rate():
+    net = H.small_net(10)
+    model, D = H.HyperGAN(net, s_dim=16, d_dim=8, hidden=32), H.discriminator(8, 32)
+    cfg = H.parse_args(["--dataset", "synthetic-mnist", "--lr", "1e-3"])
+    (opt_qg, _), _ = H.make_optimizers(model, D, cfg, 10)
+    assert len(opt_qg.param_groups) == 1 and opt_qg.param_groups[0]["lr"] == 1e-3     # no --lr-q: one rate
+    cfg = H.parse_args(["--dataset", "synthetic-mnist", "--lr", "1e-3", "--lr-q", "1e-5"])
+    (opt_qg, _), _ = H.make_optimizers(model, D, cfg, 10)
+    rest, q = opt_qg.param_groups
+    assert {id(p) for p in q["params"]} == {id(p) for p in model.Q.parameters()}
+    assert len(rest["params"]) + len(q["params"]) == len(list(model.parameters()))   # each once
+    assert (rest["lr"], q["lr"]) == (1e-3, 1e-5)
+
+
 def test_ood_and_adversarial_end_to_end_fill_results_and_figures(tmp_path):
     out = tmp_path / "uq"
     nm = tmp_path / "data" / "notMNIST_small"                           # a tiny notMNIST folder
