@@ -90,7 +90,7 @@ class Config:
                            "ours 256: twice the steps/s on CPU and higher MNIST accuracy, measured)")
     init_spread: float = option(None, "initial size of each network's departure from the mean network, "
                                    "relative to PyTorch's init scale (ours, measured: 0.1; toy 1.0)")
-    beta: float = option(None, "weight of the adversarial term, Eq. (2) (ours: 1; 10 tried, paper_notes.md)")
+    beta: float = option(None, "weight of the adversarial term, Eq. (2) (ours: 1; 0.03 to 10 tried, paper_notes.md)")
     q_loss: str = option("minimax", "Q's adversarial loss: minimax = Eq. (3) as written, sum_i log(1 - D(z_i)); "
                                     "nonsaturating = -sum_i log D(z_i), a deviation (section 4)",
                          choices=("minimax", "nonsaturating"))
@@ -101,7 +101,7 @@ class Config:
     lr: float = option(None, "Adam learning rate of Q and every G_i, cosine-decayed to 0 (ours)")
     lr_q: float = option(0.0, "Adam learning rate of the mixer Q, cosine-decayed like --lr; 0: the same as --lr "
                               "(official V1 MNIST: mixer 5e-4, each G 1e-4)")
-    lr_d: float = option(1e-4, "Adam learning rate of D (official V1 MNIST: 1e-4)")
+    lr_d: float = option(1e-4, "Adam learning rate of D (official V1 MNIST: 1e-4; 1e-3 and 4e-3 tried, paper_notes.md)")
     mixer: bool = option(True, "--no-mixer: ablation (Fig. 7), no Q; each G_i gets its own independent "
                                "noise z_i ~ N(0, I_d)")
     dropout: float = option(0.2, "dropout rate after every hidden layer, --method dropout only (ours)")
