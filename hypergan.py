@@ -513,7 +513,8 @@ def mlp(sizes, act, batchnorm):
 class HyperGAN(nn.Module):
     """The mixer Q and the generators G_1..G_N for the target `net` (only its shapes are read).
 
-    Q: s (K, s_dim) -> z (K, N, d), Linear-BN-ReLU x2 then Linear, as the official code.
+    Q: s (K, s_dim) -> z (K, N, d), Linear-BN-ReLU x2 then Linear, as the official code
+    (Deviation: without its N(0, 0.01^2) noise added to s, immaterial next to s ~ N(0, I)).
     G_i: z_i (K, d) -> theta_i, Linear-BN-ELU x2 then Linear (official MNIST generators).
     forward(s) = (z, theta): everything Eq. (2) trains. The discriminator is `discriminator` below.
     """
@@ -752,7 +753,8 @@ def make_optimizers(model, D, cfg, total_steps):
     # With --lr-q, Q gets its own rate in a second parameter group (the official code gives every
     # module its own Adam and rate); without it, one group, as checkpoints written before it expect.
     q_params = list(model.Q.parameters()) if cfg.lr_q and isinstance(model, HyperGAN) else []
-    rest = [p for p in model.parameters() if all(p is not q for q in q_params)]
+    q_ids = {id(p) for p in q_params}
+    rest = [p for p in model.parameters() if id(p) not in q_ids]
     groups = [dict(params=rest)] + ([dict(params=q_params, lr=cfg.lr_q)] if q_params else [])
     opt_qg = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True) if D else None
@@ -1138,6 +1140,9 @@ def load_checkpoint(path):
         raise UserError(f"no checkpoint at {path!r}; train first or pass --checkpoint PATH")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(ckpt, dict) and "D" not in ckpt and "model" in ckpt:  # written while D was HyperGAN.D
+            ckpt["D"] = {k[2:]: v for k, v in ckpt["model"].items() if k.startswith("D.")}
+            ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("D.")}
         assert isinstance(ckpt, dict) and {"config", "model", "D", "epoch"} <= ckpt.keys()
     except Exception as e:
         raise UserError(f"{path!r} is not a readable HyperGAN checkpoint ({type(e).__name__}); "

@@ -275,6 +275,15 @@ def test_corrupt_and_mismatched_checkpoint(tmp_path):
     assert "--dataset" in msg
 
 
+def test_checkpoint_from_before_d_left_the_model_still_loads(tmp_path):
+    model, D = H.HyperGAN(H.small_net(10), s_dim=16, d_dim=8, hidden=32), H.discriminator(8, 32)
+    old = dict(config={}, epoch=1, model={**model.state_dict(), **{"D." + k: v for k, v in D.state_dict().items()}})
+    torch.save(old, tmp_path / "old.pt")                            # the layout of commits up to 45753d2
+    ckpt = H.load_checkpoint(str(tmp_path / "old.pt"))
+    model.load_state_dict(ckpt["model"])                            # strict: no D.* entries left over
+    D.load_state_dict(ckpt["D"])
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     H.main(FAST + ["--epochs", "1", "--out-dir", out])
