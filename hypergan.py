@@ -101,6 +101,12 @@ class Config:
     lr: float = option(None, "Adam learning rate of Q and every G_i, cosine-decayed to 0 (ours)")
     lr_q: float = option(0.0, "Adam learning rate of the mixer Q, cosine-decayed like --lr; 0: the same as --lr "
                               "(official V1 MNIST: mixer 5e-4, each G 1e-4)")
+    code_batch: int = option(0, "C: noise vectors per step on which Eq. (3) is estimated; all C codes train D and "
+                                "Q's adversarial term, the first K become networks (0: C = K, as the official "
+                                "code; 256 tried with --r1 10, paper_notes.md)")
+    r1: float = option(0.0, "gamma of an R1 penalty on D, gamma/2 * E|grad_p logit D(p)|^2 at prior samples p "
+                            "(Mescheder et al., 2018; a deviation, off by default as in the official code; "
+                            "10 keeps D(z) near 0.5, where without it D wins outright, paper_notes.md)")
     lr_d: float = option(1e-3, "Adam learning rate of D (official V1 MNIST: 1e-4; ours 1e-3, a deviation: at 1e-4 "
                                "the codes collapse, paper_notes.md)")
     mixer: bool = option(True, "--no-mixer: ablation (Fig. 7), no Q; each G_i gets its own independent "
@@ -188,7 +194,7 @@ def parse_args(argv=None):
             setattr(cfg, key, value)
     for key, low in (("networks_per_step", 2), ("images_per_network", 1), ("epochs", 1), ("eval_networks", 1),
                      ("val_networks", 1), ("synthetic_size", 64), ("uq_networks", 2), ("pgd_steps", 1),
-                     ("adv_images", 1)):
+                     ("adv_images", 1), ("code_batch", 0)):
         if getattr(cfg, key) < low:  # BatchNorm in Q and G needs at least 2 networks per step
             raise UserError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
     if cfg.export:
@@ -203,6 +209,8 @@ def parse_args(argv=None):
         assert all(0 < e <= 1 for e in cfg.epsilon_list())
     except (ValueError, AssertionError):
         raise UserError(f"--epsilons must be comma-separated numbers in (0, 1], got {cfg.epsilons!r}")
+    if cfg.r1 < 0:
+        raise UserError(f"--r1 must be at least 0, got {cfg.r1}")
     if not (0 < cfg.dropout < 1 or (cfg.dropout == 0 and cfg.method != "dropout")):
         raise UserError(f"--dropout must be in (0, 1) for --method dropout, got {cfg.dropout}")
     return cfg
@@ -566,9 +574,10 @@ class HyperGAN(nn.Module):
             theta.append((out[:, :math.prod(w)].view(-1, *w), out[:, math.prod(w):].view(-1, *b)))
         return theta
 
-    def forward(self, s):
+    def forward(self, s, k=None):
+        """Codes of every s; weights for the first k of them only (all when k is None)."""
         z = self.codes(s)
-        return z, self.generate(z)
+        return z, self.generate(z[:k])
 
     def sample(self, n, generator=None, first=0):
         """theta of n new networks (`first` matters only to the standard ensemble's fixed members)."""
@@ -643,12 +652,25 @@ def discriminator(d_dim=128, hidden=256):
 # 4. Losses (PAPER.md 1.2). D works on logits l: log D(x) = logsigmoid(l) and
 #    log(1 - D(x)) = logsigmoid(-l), the numerically safe forms of the same quantities.
 # ---------------------------------------------------------------------------------------------
-def discriminator_loss(D, z, p):
-    """Eq. (3): Dist = -sum_{i=1..N} ( log D(p_i) + log(1 - D(z_i)) ), averaged over the K samples.
-    D minimises it: D(prior) -> 1, D(codes) -> 0. z, p: (K, N, d). (One call of D on both halves:
-    DistributedDataParallel expects one forward per backward.)"""
-    logit_p, logit_z = D(torch.cat([p, z])).squeeze(-1).chunk(2)               # (K, N) each
-    return -(F.logsigmoid(logit_p) + F.logsigmoid(-logit_z)).sum(1).mean()
+def discriminator_loss(D, z, p, r1=0.0):
+    """Eq. (3): Dist = -sum_{i=1..N} ( log D(p_i) + log(1 - D(z_i)) ), averaged over the C samples.
+    D minimises it: D(prior) -> 1, D(codes) -> 0. z, p: (C, N, d). (One call of D on both halves:
+    DistributedDataParallel expects one forward per backward.)
+    Deviation, only with --r1 gamma > 0: D also minimises gamma/2 * |d logit D(p_i) / d p_i|^2,
+    averaged over all C x N prior samples: the R1 penalty (Mescheder et al., 2018),
+    which keeps D smooth around the prior. Without it D soon tells every code from the prior
+    (mean D(z) about 0.003 on MNIST), and then the minimax gradient of Q, proportional to D(z), is
+    gone; with gamma 10 D(z) stays near 0.49 (paper_notes.md, section 3). The returned value, which
+    the log calls d_loss, includes the penalty."""
+    if r1:
+        p = p.detach().requires_grad_(True)
+    logit_p, logit_z = D(torch.cat([p, z])).squeeze(-1).chunk(2)               # (C, N) each
+    dist = -(F.logsigmoid(logit_p) + F.logsigmoid(-logit_z)).sum(1).mean()
+    if not r1:
+        return dist
+    # the gradient with respect to the input p (out of place, so under DDP it stays this process's own)
+    grad_p, = torch.autograd.grad(logit_p.sum(), p, create_graph=True)        # (C, N, d)
+    return dist + r1 / 2 * grad_p.pow(2).sum(-1).mean()
 
 
 def mixer_adversarial_loss(D, z, nonsaturating=False):
@@ -698,8 +720,8 @@ def regression_loss(out, y):
 
 
 def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None, task_loss=classification_loss,
-               nonsaturating=False):
-    """x: (K, b, C, H, W), y: (K, b). Returns the step's statistics as tensors (no host sync):
+               nonsaturating=False, code_batch=0, r1=0.0):
+    """x: (K, b, channels, H, W), y: (K, b). Returns the step's statistics as tensors (no host sync):
     STAT_NAMES for HyperGAN, BASELINE_STAT_NAMES for the baselines (D is None: Eq. (1) alone).
     ddp: under torchrun, (model, D) wrapped in DistributedDataParallel (section 8), which averages
     their gradients across processes inside backward(); otherwise None and the plain modules run.
@@ -714,13 +736,16 @@ def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None, task_loss=cl
         loss.backward()
         opt_qg.step()
         return torch.stack([loss.detach(), acc])
-    s = model.sample_s(x.shape[0])                                            # s ~ N(0, I_s): (K, s_dim)
+    # C >= K noise vectors: all C codes estimate Eq. (3) (Q and D are small MLPs, so this is cheap),
+    # the first K of them become networks (G_i and F are the expensive part of a step).
+    K = x.shape[0]
+    s = model.sample_s(max(code_batch, K))                                    # s ~ N(0, I_s): (C, s_dim)
     with autocast:
-        z, theta = model_fwd(s)                                               # z: (K, N, d); theta per layer
+        z, theta = model_fwd(s, K)                                            # z: (C, N, d); theta per layer, K nets
     z = z.float()
     # D step, Eq. (3): minimise Dist over D; the codes are constants here.
     p = torch.randn_like(z)                                                   # p_i ~ P = N(0, I_d)
-    d_loss = discriminator_loss(D_fwd, z.detach(), p)
+    d_loss = discriminator_loss(D_fwd, z.detach(), p, r1)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
@@ -815,7 +840,7 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
                 x = augment_batch(x, data["black"])
             x, y = x.view(K, b, *x.shape[1:]), y_train[idx]
             sums += train_step(model, D, net, state["opts"], x, y, cfg.beta, autocast, ddp,
-                               nonsaturating=cfg.q_loss == "nonsaturating")
+                               nonsaturating=cfg.q_loss == "nonsaturating", code_batch=cfg.code_batch, r1=cfg.r1)
             state["sched"].step()
             n_sum += 1
             if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
@@ -1158,8 +1183,9 @@ def load_checkpoint(path):
 
 ARCH_FIELDS = ("dataset", "method", "s_dim", "d_dim", "hidden", "mixer", "dropout")  # must match to load a checkpoint
 TRAINING_FIELDS = ("seed", "epochs", "networks_per_step", "images_per_network", "lr", "lr_q", "lr_d", "beta", "q_loss",
-                   "init_spread", "pretrain_steps", "val_size")
-DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}  # for checkpoints written before a field existed
+                   "code_batch", "r1", "init_spread", "pretrain_steps", "val_size")
+# for checkpoints written before a field existed (each field's default reproduces the older behaviour)
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
 
 def restore(ckpt, cfg, model, D, state, path):
@@ -1268,7 +1294,8 @@ def run_toy(cfg):
     model.train()
     for step in range(cfg.epochs):
         stats = train_step(model, D, net, opts, x.expand(K, *x.shape), (y / scale).expand(K, -1), cfg.beta, off,
-                           task_loss=regression_loss, nonsaturating=cfg.q_loss == "nonsaturating")
+                           task_loss=regression_loss, nonsaturating=cfg.q_loss == "nonsaturating",
+                           code_batch=cfg.code_batch, r1=cfg.r1)
         sched.step()
         if (step + 1) % max(1, cfg.epochs // 5) == 0:
             names = STAT_NAMES if D is not None else BASELINE_STAT_NAMES

@@ -1,5 +1,6 @@
 """Tests for hypergan.py: offline (synthetic data only), CPU, the whole file in a few minutes.
 Run: python -m pytest -q test_hypergan.py"""
+import contextlib
 import json
 import math
 import os
@@ -108,6 +109,34 @@ def test_eq3_value_and_signs_by_hand():
     # (higher D(z)) give Q a lower loss
     assert H.discriminator_loss(D, z - 1, p + 1) < H.discriminator_loss(D, z, p)
     assert H.mixer_adversarial_loss(D, z + 1) < H.mixer_adversarial_loss(D, z)
+
+
+def test_r1_penalty_by_hand():
+    # a linear D, logit = w . x + c: the gradient with respect to every prior code p_i is w, so the
+    # penalty (the mean over prior samples) is gamma/2 * |w|^2 whatever p and z are
+    D = torch.nn.Linear(4, 1)
+    z, p = torch.randn(5, 3, 4), torch.randn(5, 3, 4)
+    extra = H.discriminator_loss(D, z, p, r1=2.0) - H.discriminator_loss(D, z, p)
+    assert extra.item() == pytest.approx(2.0 / 2 * D.weight.pow(2).sum().item(), rel=1e-5)
+    extra.backward()                                  # and it trains D: d/dw of gamma/2 * |w|^2
+    torch.testing.assert_close(D.weight.grad, 2.0 * D.weight.detach())
+
+
+def test_code_batch_feeds_c_codes_to_d_and_k_networks_to_the_target():
+    torch.manual_seed(0)
+    net = H.small_net(10)
+    model, D = H.HyperGAN(net, s_dim=16, d_dim=8, hidden=32), H.discriminator(8, 32)
+    seen = []
+    D.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    cfg = H.parse_args(["--dataset", "synthetic-mnist", "--code-batch", "24", "--r1", "1"])
+    opts, _ = H.make_optimizers(model, D, cfg, 10)
+    x, y = torch.randn(4, 2, 1, 28, 28), torch.randint(0, 10, (4, 2))
+    stats = H.train_step(model, D, net, opts, x, y, 1.0, contextlib.nullcontext(), code_batch=24, r1=1.0)
+    assert torch.isfinite(stats).all()
+    assert seen[0] == 2 * 24                          # D's step: 24 prior samples and 24 codes
+    assert seen[1] == 24                              # Q's adversarial term: the 24 codes
+    z, theta = model(model.sample_s(24), 4)
+    assert z.shape == (24, 3, 8) and theta[0][0].shape == (4, 32, 1, 5, 5)
 
 
 def test_different_noise_gives_different_networks():
@@ -255,6 +284,7 @@ def test_unknown_dataset_and_option():
     assert "--frobnicate" in one_line_error(cli("--frobnicate", check=False))
     assert "--networks-per-step" in one_line_error(cli(*FAST, "--networks-per-step", "1", check=False))
     assert "positive number" in one_line_error(cli(*FAST, "--export", "x", "nets", check=False))
+    assert "--r1" in one_line_error(cli(*FAST, "--r1", "-1", check=False))
 
 
 def test_missing_data_offline(tmp_path):
@@ -301,7 +331,9 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsy
 @pytest.mark.parametrize("method", ["hypergan", "ensemble"])
 def test_two_processes_stay_identical_and_checkpoint_loads(tmp_path, method):
     out = str(tmp_path / "ddp")
-    extra = ["--method", method] + (["--networks-per-step", "4", "--epochs", "1"] if method == "ensemble" else [])
+    # HyperGAN with the R1 penalty and a code batch: the double backward through DDP (section 8)
+    extra = ["--method", method] + (["--networks-per-step", "4", "--epochs", "1"] if method == "ensemble" else
+                                    ["--code-batch", "32", "--r1", "1"])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(HERE, "hypergan.py"), *FAST, *extra, "--out-dir", out],
                        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
