@@ -1341,11 +1341,12 @@ def write_json(path, obj):
 
 
 def run_label(r):
-    """A setting's name: the method, and the ablations that differ from the defaults."""
+    """A setting's name: the method, and the ablations and deviations that differ from the defaults."""
     c = r["config"]
     label = r["method"] + (" (beta 0)" if c["beta"] == 0 and r["method"] == "hypergan" else "")
     label += " (no mixer)" if not c.get("mixer", True) and r["method"] == "hypergan" else ""
-    return label + (" (non-saturating Q)" if c.get("q_loss") == "nonsaturating" else "")
+    label += " (non-saturating Q)" if c.get("q_loss") == "nonsaturating" else ""
+    return label + (f" (C {c['code_batch']}, R1 {c['r1']})" if c.get("code_batch") or c.get("r1") else "")
 
 
 def draw_figures(groups, out_dir):
@@ -1457,15 +1458,21 @@ def compare_runs(cfg):
     # Runs whose configurations differ only in the seed (and in where files go) are one setting.
     ignored = {"seed", "out_dir", "data_root", "download", "device", "resume", "eval_only", "checkpoint",
                "export", "compare", "figures", "log_every", "bf16"}
+    for r in runs:  # options added after a run was made: the default, which reproduces the older behaviour
+        r["config"] = {**DEFAULTS, **r["config"]}
     setting = lambda r: json.dumps({k: v for k, v in r["config"].items() if k not in ignored}, sort_keys=True)
     by_setting = {}
     for r in runs:
         by_setting.setdefault(setting(r), []).append(r)
     several = len({r["dataset"] for r in runs}) > 1       # the data set is named when runs differ in it
+    labelled = [(run_label(rs[0]) + (f" on {rs[0]['dataset']}" if several else ""), rs) for rs in by_setting.values()]
     groups = {}
-    for rs in by_setting.values():
-        label = run_label(rs[0]) + (f" on {rs[0]['dataset']}" if several else "")
-        while label in groups:                            # same method, other settings: number them
+    for label, rs in labelled:
+        twins = [other[0]["config"] for name, other in labelled if name == label]
+        if len(twins) > 1:                                # same label, other settings: name what differs
+            differ = [k for k in rs[0]["config"] if k not in ignored and len({json.dumps(c[k]) for c in twins}) > 1]
+            label += " (" + ", ".join(f"--{k.replace('_', '-')} {rs[0]['config'][k]}" for k in differ) + ")"
+        while label in groups:                            # (not expected: settings differ in some option)
             label += "'"
         groups[label] = rs
     fmt = lambda ms, k=100, d=2: "-" if ms is None else f"{k * ms['mean']:.{d}f} ± {k * ms['std']:.{d}f}"

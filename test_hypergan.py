@@ -1,6 +1,7 @@
 """Tests for hypergan.py: offline (synthetic data only), CPU, the whole file in a few minutes.
 Run: python -m pytest -q test_hypergan.py"""
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -518,6 +519,22 @@ def test_baseline_and_ablations_train_and_evaluate(tmp_path, variant):
     res = json.load(open(tmp_path / "results.json"))
     assert res["accuracy"]["single_mean"] > 0.5 and res["method"] == (variant[1] if variant[0] == "--method" else "hypergan")
     assert res["history"][0]["diversity"]["disagreement"] >= 0
+
+
+def test_compare_pools_seeds_and_names_what_differs(tmp_path):
+    # hand-written results.json files: two seeds of one setting, one run with another D rate, and
+    # one written before --r1 existed (its missing option counts as the default, so it pools)
+    cfg = dataclasses.asdict(H.parse_args(["--dataset", "synthetic-mnist"]))
+    runs = {"a0": dict(cfg, seed=0), "a1": dict(cfg, seed=1), "b": dict(cfg, lr_d=1e-4),
+            "old": {k: v for k, v in dict(cfg, seed=2).items() if k != "r1"}}
+    for name, c in runs.items():
+        os.makedirs(tmp_path / name)
+        acc = dict(single_mean=0.9, single_std=0.0, ensemble={m: dict(mean=0.9, std=0.0) for m in ("5", "10", "100")})
+        json.dump(dict(method="hypergan", dataset="synthetic-mnist", config=c, accuracy=acc, train_seconds=1.0),
+                  open(tmp_path / name / "results.json", "w"))
+    out = cli("--compare", *(str(tmp_path / n) for n in runs), "--out-dir", str(tmp_path / "cmp"), "--no-figures").stdout
+    assert "hypergan (--lr-d 0.001): 3 run(s), seeds [0, 1, 2]" in out
+    assert "hypergan (--lr-d 0.0001): 1 run(s), seeds [0]" in out
 
 
 def test_uncertainty_bad_input():
