@@ -28,7 +28,8 @@ Sections follow the paper and read top to bottom:
 
 Glossary: s noise, Q mixer, z codes (K, N, d), G_i generator of layer i, theta generated
 parameters, D discriminator, P prior N(0, I_d), beta weight of the adversarial term,
-K networks sampled per step, b images per network, M networks in an evaluated ensemble,
+K networks sampled per step, b images per network, C codes a step for Eq. (3) (C = K unless
+--code-batch), M networks in an evaluated ensemble,
 OOD out-of-distribution, AUROC area under the ROC curve, FPR95 false-positive rate at 95 %
 true positives, eps the size of an adversarial perturbation.
 """
