@@ -532,7 +532,8 @@ def test_compare_pools_seeds_and_names_what_differs(tmp_path):
         acc = dict(single_mean=0.9, single_std=0.0, ensemble={m: dict(mean=0.9, std=0.0) for m in ("5", "10", "100")})
         json.dump(dict(method="hypergan", dataset="synthetic-mnist", config=c, accuracy=acc, train_seconds=1.0),
                   open(tmp_path / name / "results.json", "w"))
-    out = cli("--compare", *(str(tmp_path / n) for n in runs), "--out-dir", str(tmp_path / "cmp"), "--no-figures").stdout
+    out = cli("--compare", *(str(tmp_path / n) for n in runs), "--out-dir", str(tmp_path / "cmp"),
+              "--no-figures").stdout
     assert "hypergan (--lr-d 0.001): 3 run(s), seeds [0, 1, 2]" in out
     assert "hypergan (--lr-d 0.0001): 1 run(s), seeds [0]" in out
 
