@@ -738,7 +738,8 @@ def train_step(model, D, net, opts, x, y, beta, autocast, ddp=None, task_loss=cl
         opt_qg.step()
         return torch.stack([loss.detach(), acc])
     # C >= K noise vectors: all C codes estimate Eq. (3) (Q and D are small MLPs, so this is cheap),
-    # the first K of them become networks (G_i and F are the expensive part of a step).
+    # the first K of them become networks (G_i and F are the expensive part of a step). C = K by
+    # default, as the official code; Deviation, only with --code-batch C > K (paper_notes.md row 32).
     K = x.shape[0]
     s = model.sample_s(max(code_batch, K))                                    # s ~ N(0, I_s): (C, s_dim)
     with autocast:
