@@ -99,6 +99,9 @@ class Config:
                                           "--method ensemble: its number of members; dropout: masks a step")
     images_per_network: int = option(None, "b: images each sampled network sees per step (ours)")
     epochs: int = option(None, "passes over the training set")
+    shift: int = option(None, "augmentation: each training image moves by up to this many pixels each way, "
+                              "on a black border (MNIST: 2, ours, a deviation, the official code has none; "
+                              "CIFAR: 4 and a random horizontal flip, the official V1 code); 0: none")
     lr: float = option(None, "Adam learning rate of Q and every G_i, cosine-decayed to 0 (ours)")
     lr_q: float = option(0.0, "Adam learning rate of the mixer Q, cosine-decayed like --lr; 0: the same as --lr "
                               "(official V1 MNIST: mixer 5e-4, each G 1e-4)")
@@ -146,17 +149,19 @@ class Config:
 # The per-dataset recipe fills every None above. The MNIST and MNIST-5000 recipes are the ones
 # measured in paper_notes.md (section 3); the CIFAR ones are untested starting points (no CIFAR
 # copy was reachable when they were written); the synthetic ones are sized for the tests.
+BASE_RECIPE = dict(networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1)
 RECIPES = {
-    "mnist":      dict(epochs=20, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
-    "mnist5000":  dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
-    "cifar10":    dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
-    "cifar5":     dict(epochs=60, networks_per_step=16, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
-    "synthetic-mnist":   dict(epochs=3, networks_per_step=8, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
-    "synthetic-cifar10": dict(epochs=3, networks_per_step=8, images_per_network=8, lr=1e-3, beta=1.0, init_spread=0.1),
+    "mnist":             {**BASE_RECIPE, "epochs": 20, "shift": 2},
+    "mnist5000":         {**BASE_RECIPE, "epochs": 60, "shift": 2},
+    "cifar10":           {**BASE_RECIPE, "epochs": 60, "shift": 4},
+    "cifar5":            {**BASE_RECIPE, "epochs": 60, "shift": 4},
+    "synthetic-mnist":   {**BASE_RECIPE, "epochs": 3, "shift": 2, "networks_per_step": 8},
+    "synthetic-cifar10": {**BASE_RECIPE, "epochs": 3, "shift": 4, "networks_per_step": 8},
     # the 1D toy: one epoch = one step in which every network sees all 20 points (section 9)
     # (init_spread 1.0: spread outside [-4, 4] 6.2 against 1.7 at 0.1, MSE on the points 8.5 vs 8.1, measured
     # with D at 1e-4; at today's 1e-3: 5.17 outside, 1.50 inside, MSE 8.98)
-    "toy":        dict(epochs=2000, networks_per_step=32, images_per_network=20, lr=1e-3, beta=1.0, init_spread=1.0),
+    "toy":  {**BASE_RECIPE, "epochs": 2000, "shift": 0, "networks_per_step": 32, "images_per_network": 20,
+             "init_spread": 1.0},
 }
 RECIPES["mnist0-4"] = RECIPES["mnist"]
 # The baselines change K and b (the epochs stay the dataset's): the standard ensemble has
@@ -195,7 +200,7 @@ def parse_args(argv=None):
             setattr(cfg, key, value)
     for key, low in (("networks_per_step", 2), ("images_per_network", 1), ("epochs", 1), ("eval_networks", 1),
                      ("val_networks", 1), ("synthetic_size", 64), ("uq_networks", 2), ("pgd_steps", 1),
-                     ("adv_images", 1), ("code_batch", 0)):
+                     ("adv_images", 1), ("code_batch", 0), ("shift", 0)):
         if getattr(cfg, key) < low:  # BatchNorm in Q and G needs at least 2 networks per step
             raise UserError(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(cfg, key)}")
     if cfg.export:
@@ -335,7 +340,7 @@ def load_ood(name, cfg, data, raw_test_held_out):
 
 def load_data(cfg, device):
     """Returns dict(train=(x, y), val=(x, y), test=(x, y), ood={name: x}, ood_skipped={name: why},
-    num_classes, arch, augment, black, mean, std, normalise).
+    num_classes, arch, flip, black, mean, std, normalise).
     Deviation (official code selected on the test set): the validation split is held out of the
     training set with a fixed generator (seed 0), so it is the same images whatever --seed says;
     the test set is never used for selection."""
@@ -370,7 +375,7 @@ def load_data(cfg, device):
     norm = lambda t: ((t - mean) / std).to(device)
     data = dict(train=(norm(x[train]), y[train].to(device)), val=(norm(x[val]), y[val].to(device)),
                 test=(norm(x_test), y_test.to(device)), num_classes=num_classes, arch=arch,
-                augment=name in ("cifar10", "cifar5", "synthetic-cifar10"), black=norm(torch.zeros(1, 1, 1)),
+                flip=arch == "mednet", black=norm(torch.zeros(1, 1, 1)),      # flip CIFAR, not digits
                 mean=mean.to(device), std=std.to(device), normalise=norm)
     # OOD sets load now, before training, so a missing one fails in seconds, not after the run.
     data["ood"], data["ood_skipped"] = {}, {}
@@ -385,19 +390,23 @@ def load_data(cfg, device):
     return data
 
 
-def augment_batch(x, black, generator=None):
-    """CIFAR augmentation of the official code, on the device in batch: random crop 32 out of the
-    image padded by 4 black pixels (40x40), then a horizontal flip with probability 1/2.
+def augment_batch(x, black, shift, flip, generator=None):
+    """Random translation, on the device in batch: each image is cropped back to its size out of
+    itself padded by `shift` black pixels on every side, so it moves by up to `shift` pixels each
+    way; then, with `flip`, mirrored left-right with probability 1/2. CIFAR (shift 4, flip) is the
+    official V1 code's RandomCrop(32, padding=4) + flip; MNIST (shift 2, no flip) is ours (--shift).
     x: (B, C, H, W), normalised; black: (C, 1, 1), the normalised value of a black pixel."""
     B, C, H, W = x.shape
-    padded = F.pad(x - black, (4, 4, 4, 4)) + black                           # (B, C, H+8, W+8)
-    dy, dx = torch.randint(0, 9, (2, B, 1), device=x.device, generator=generator)
+    padded = F.pad(x - black, (shift,) * 4) + black                          # (B, C, H+2s, W+2s)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, B, 1), device=x.device, generator=generator)
     rows = (dy + torch.arange(H, device=x.device))[:, None, :, None]          # (B, 1, H, 1)
     cols = (dx + torch.arange(W, device=x.device))[:, None, None, :]          # (B, 1, 1, W)
     x = padded[torch.arange(B, device=x.device)[:, None, None, None],
                torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
-    flip = torch.rand(B, 1, 1, 1, device=x.device, generator=generator) < 0.5
-    return torch.where(flip, x.flip(-1), x)
+    if not flip:
+        return x
+    mirrored = torch.rand(B, 1, 1, 1, device=x.device, generator=generator) < 0.5
+    return torch.where(mirrored, x.flip(-1), x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -838,8 +847,8 @@ def train(cfg, model, D, net, data, device, state, rank=0, world=1, ddp=None):
             start = (i * world + rank) * per_process                       # this process's shard
             idx = order[:, start:start + per_process].reshape(K, b)        # network k gets images idx[k]
             x = x_train[idx.flatten()]
-            if data["augment"]:
-                x = augment_batch(x, data["black"])
+            if cfg.shift:
+                x = augment_batch(x, data["black"], cfg.shift, data["flip"])
             x, y = x.view(K, b, *x.shape[1:]), y_train[idx]
             sums += train_step(model, D, net, state["opts"], x, y, cfg.beta, autocast, ddp,
                                nonsaturating=cfg.q_loss == "nonsaturating", code_batch=cfg.code_batch, r1=cfg.r1)
@@ -1185,15 +1194,22 @@ def load_checkpoint(path):
 
 ARCH_FIELDS = ("dataset", "method", "s_dim", "d_dim", "hidden", "mixer", "dropout")  # must match to load a checkpoint
 TRAINING_FIELDS = ("seed", "epochs", "networks_per_step", "images_per_network", "lr", "lr_q", "lr_d", "beta", "q_loss",
-                   "code_batch", "r1", "init_spread", "pretrain_steps", "val_size")
-# for checkpoints written before a field existed (each field's default reproduces the older behaviour)
+                   "code_batch", "r1", "init_spread", "pretrain_steps", "val_size", "shift")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+
+
+def completed(config):
+    """A config saved by an older version (in a checkpoint or results.json), with every field it
+    lacks set to what that version did: the field's default, and for --shift (added when MNIST got
+    its shift of 2) the augmentation of the time: CIFAR-shaped data 4, MNIST-shaped none."""
+    old_shift = 4 if config.get("dataset") in ("cifar10", "cifar5", "synthetic-cifar10") else 0
+    return {**DEFAULTS, "shift": old_shift, **config}
 
 
 def restore(ckpt, cfg, model, D, state, path):
     """Loads a checkpoint into model (and training state). The architecture must match."""
     for k in ARCH_FIELDS + (("networks_per_step",) if cfg.method == "ensemble" else ()):  # its member count
-        trained = ckpt["config"].get(k, DEFAULTS[k])
+        trained = completed(ckpt["config"])[k]
         if trained != getattr(cfg, k):
             raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {trained}, "
                             f"this run has {getattr(cfg, k)}; pass the same value")
@@ -1460,8 +1476,8 @@ def compare_runs(cfg):
     # Runs whose configurations differ only in the seed (and in where files go) are one setting.
     ignored = {"seed", "out_dir", "data_root", "download", "device", "resume", "eval_only", "checkpoint",
                "export", "compare", "figures", "log_every", "bf16"}
-    for r in runs:  # options added after a run was made: the default, which reproduces the older behaviour
-        r["config"] = {**DEFAULTS, **r["config"]}
+    for r in runs:  # options added after a run was made: what the older version did
+        r["config"] = completed(r["config"])
     setting = lambda r: json.dumps({k: v for k, v in r["config"].items() if k not in ignored}, sort_keys=True)
     by_setting = {}
     for r in runs:
@@ -1540,7 +1556,7 @@ def run(cfg):
     ckpt = load_checkpoint(ckpt_path) if (cfg.eval_only or cfg.resume) else None
     if cfg.eval_only:
         for k in TRAINING_FIELDS:  # how the checkpoint was trained (K: the standard ensemble's size)
-            setattr(cfg, k, ckpt["config"].get(k, DEFAULTS[k]))
+            setattr(cfg, k, completed(ckpt["config"])[k])
     data = load_data(cfg, device)
     net = TARGETS[data["arch"]](data["num_classes"], cfg.dropout if cfg.method == "dropout" else 0.0).to(device)
     model, D = build_model(cfg, net)

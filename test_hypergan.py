@@ -207,7 +207,7 @@ def test_ensemble_metrics_by_hand():
 def test_augment_crops_and_flips_rows_of_the_padded_image():
     # every pixel holds its column number 1..32; padding is -1 ("black")
     x = torch.arange(1.0, 33.0).expand(64, 3, 32, 32).clone()
-    out = H.augment_batch(x, torch.full((3, 1, 1), -1.0), torch.Generator().manual_seed(0))
+    out = H.augment_batch(x, torch.full((3, 1, 1), -1.0), 4, True, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     flips = 0
     for img in out:
@@ -219,6 +219,25 @@ def test_augment_crops_and_flips_rows_of_the_padded_image():
         assert (img[:, 4:28] == row).all()               # the same shift for every inner row and channel
         flips += steps == [-1.0]
     assert 0 < flips < 64                                # both flipped and unflipped images occur
+
+
+def test_augment_shifts_digits_without_flipping_them():
+    # MNIST's --shift 2: whole images move by -2..2 pixels each way; a digit is never mirrored
+    x = torch.arange(1.0, 29.0).expand(256, 1, 28, 28).clone()
+    x = x + 100 * torch.arange(1.0, 29.0)[:, None]                  # pixel (r, c) holds 100 (r+1) + c+1
+    out = H.augment_batch(x, torch.full((1, 1, 1), -1.0), 2, False, torch.Generator().manual_seed(0))
+    moves = set()
+    for img in out[:, 0]:
+        inside = img[img > 0].view(-1)
+        r0, c0 = divmod(int(inside.min()) - 101, 100)               # the original pixel now at the top left
+        rows, cols = (img > 0).any(1).nonzero(), (img > 0).any(0).nonzero()
+        dy, dx = int(rows[0]) - r0, int(cols[0]) - c0               # where it went
+        assert -2 <= dy <= 2 and -2 <= dx <= 2
+        kept = x[0, 0, max(0, -dy):28 - max(0, dy), max(0, -dx):28 - max(0, dx)]
+        assert torch.equal(img[max(0, dy):28 + min(0, dy), max(0, dx):28 + min(0, dx)], kept)
+        assert (img <= 0).sum() == 28 * 28 - kept.numel()            # the rest is black border
+        moves.add((dy, dx))
+    assert len(moves) == 25                                          # every shift occurs
 
 
 # ----- the command line, end to end ------------------------------------------------------------
@@ -525,8 +544,11 @@ def test_compare_pools_seeds_and_names_what_differs(tmp_path):
     # hand-written results.json files: two seeds of one setting, one run with another D rate, and
     # one written before --r1 existed (its missing option counts as the default, so it pools)
     cfg = dataclasses.asdict(H.parse_args(["--dataset", "synthetic-mnist"]))
+    # Two more: one without augmentation, and one written before --shift existed, when MNIST-shaped
+    # data had none (so it pools with --shift 0, not with today's default of 2)
     runs = {"a0": dict(cfg, seed=0), "a1": dict(cfg, seed=1), "b": dict(cfg, lr_d=1e-4),
-            "old": {k: v for k, v in dict(cfg, seed=2).items() if k != "r1"}}
+            "old": {k: v for k, v in dict(cfg, seed=2).items() if k != "r1"},
+            "s0": dict(cfg, shift=0), "older": {k: v for k, v in dict(cfg, seed=1).items() if k != "shift"}}
     for name, c in runs.items():
         os.makedirs(tmp_path / name)
         acc = dict(single_mean=0.9, single_std=0.0, ensemble={m: dict(mean=0.9, std=0.0) for m in ("5", "10", "100")})
@@ -534,8 +556,9 @@ def test_compare_pools_seeds_and_names_what_differs(tmp_path):
                   open(tmp_path / name / "results.json", "w"))
     out = cli("--compare", *(str(tmp_path / n) for n in runs), "--out-dir", str(tmp_path / "cmp"),
               "--no-figures").stdout
-    assert "hypergan (--lr-d 0.001): 3 run(s), seeds [0, 1, 2]" in out
-    assert "hypergan (--lr-d 0.0001): 1 run(s), seeds [0]" in out
+    assert "hypergan (--shift 2, --lr-d 0.001): 3 run(s), seeds [0, 1, 2]" in out
+    assert "hypergan (--shift 2, --lr-d 0.0001): 1 run(s), seeds [0]" in out
+    assert "hypergan (--shift 0, --lr-d 0.001): 2 run(s), seeds [0, 1]" in out
 
 
 def test_uncertainty_bad_input():
