@@ -246,7 +246,8 @@ def pick_device(name):
 
 # ---------------------------------------------------------------------------------------------
 # 1. Data. Every split lives as one normalised tensor on the device; batches are index lookups
-#    and CIFAR's crop+flip runs on the device in batch (the airbench way): no DataLoader.
+#    and the augmentation (random shifts; CIFAR also flips) runs on the device in batch (the
+#    airbench way): no DataLoader.
 # ---------------------------------------------------------------------------------------------
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)                                # official code
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # official code

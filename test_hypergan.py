@@ -548,7 +548,8 @@ def test_compare_pools_seeds_and_names_what_differs(tmp_path):
     # data had none (so it pools with --shift 0, not with today's default of 2)
     runs = {"a0": dict(cfg, seed=0), "a1": dict(cfg, seed=1), "b": dict(cfg, lr_d=1e-4),
             "old": {k: v for k, v in dict(cfg, seed=2).items() if k != "r1"},
-            "s0": dict(cfg, shift=0), "older": {k: v for k, v in dict(cfg, seed=1).items() if k != "shift"}}
+            "s0": dict(cfg, shift=0),
+            "older": {k: v for k, v in dict(cfg, seed=1).items() if k != "shift"}}
     for name, c in runs.items():
         os.makedirs(tmp_path / name)
         acc = dict(single_mean=0.9, single_std=0.0, ensemble={m: dict(mean=0.9, std=0.0) for m in ("5", "10", "100")})
