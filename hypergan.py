@@ -76,7 +76,8 @@ class Config:
     out_dir: str = option("runs/hypergan", "where checkpoint.pt, best.pt and results.json go")
     device: str = option("auto", "auto picks cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"))
     seed: int = option(0, "seed of every random number generator of training (ours)")
-    resume: bool = option(False, "continue from <out-dir>/checkpoint.pt (or --checkpoint)")
+    resume: bool = option(False, "continue from <out-dir>/checkpoint.pt (or --checkpoint); the training "
+                                 "options must be the checkpoint's, --epochs may grow")
     eval_only: bool = option(False, "evaluate a checkpoint, no training (needs --checkpoint)")
     checkpoint: str = option("", "checkpoint to evaluate (needed by --eval-only) or to resume "
                                       "(default for --resume: <out-dir>/checkpoint.pt)")
@@ -1211,8 +1212,13 @@ def completed(config):
 
 
 def restore(ckpt, cfg, model, D, state, path):
-    """Loads a checkpoint into model (and training state). The architecture must match."""
-    for k in ARCH_FIELDS + (("networks_per_step",) if cfg.method == "ensemble" else ()):  # its member count
+    """Loads a checkpoint into model (and, for --resume, training state). The architecture must
+    match; so must the training options when resuming, since --resume continues the run exactly
+    (all but --epochs, which may grow to train longer)."""
+    fields = ARCH_FIELDS + (("networks_per_step",) if cfg.method == "ensemble" else ())  # its member count
+    if state is not None:
+        fields += tuple(k for k in TRAINING_FIELDS if k not in fields and k != "epochs")
+    for k in fields:
         trained = completed(ckpt["config"])[k]
         if trained != getattr(cfg, k):
             raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {trained}, "

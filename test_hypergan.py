@@ -262,7 +262,12 @@ def test_cli_train_resume_eval_export(tmp_path, monkeypatch):
     assert e.value.code != 0
     monkeypatch.undo()
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
-    # ... and resumed: it ends exactly where the uninterrupted run ended
+    # ... resumed with another training option: refused, and the checkpoint is left as it was
+    before = open(os.path.join(out, "checkpoint.pt"), "rb").read()
+    msg = one_line_error(cli(*FAST, "--out-dir", out, "--resume", "--shift", "0", check=False))
+    assert "--shift 2" in msg and "this run has 0" in msg
+    assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == before
+    # ... and resumed with the same options: it ends exactly where the uninterrupted run ended
     cli(*FAST, "--out-dir", out, "--resume")
     resumed = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert resumed["epoch"] == 2
