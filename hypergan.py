@@ -621,7 +621,8 @@ class StandardEnsemble(nn.Module):
     def sample(self, n, generator=None, first=0):
         if first + n > self.max_networks:
             raise UserError(f"the standard ensemble has {self.max_networks} members; networks "
-                            f"{first}..{first + n - 1} were asked for (lower --uq-networks or raise --networks-per-step)")
+                            f"{first}..{first + n - 1} were asked for (lower --uq-networks or raise "
+                            f"--networks-per-step)")
         p = [t[first:first + n] for t in self.params]
         return list(zip(p[0::2], p[1::2]))                                    # [(weight, bias)] per layer
 
@@ -1151,7 +1152,8 @@ def uncertainty_evaluation(model, net, data, cfg):
             p_in = ensemble_probs(net, theta, x_test)
             out["ood"] = dict(data["ood_skipped"])                              # {name: {"skipped": why}}
             for name, x_ood in data["ood"].items():
-                r = out["ood"][name] = dict(detection(p_in, ensemble_probs(net, theta, x_ood)), networks=cfg.uq_networks)
+                p_out = ensemble_probs(net, theta, x_ood)
+                r = out["ood"][name] = dict(detection(p_in, p_out), networks=cfg.uq_networks)
                 print(f"ood {name:12s} AUROC {r['auroc']:.4f}  FPR at 95 % TPR {r['fpr95']:.4f}  mean entropy "
                       f"in {r['entropy_in_mean']:.3f} / out {r['entropy_out_mean']:.3f}  ({cfg.uq_networks} networks)",
                       flush=True)
@@ -1313,9 +1315,9 @@ def toy_data(seed=1):
 
 
 def run_toy(cfg):
-    if cfg.resume or cfg.eval_only or cfg.ood or cfg.adversarial or cfg.export:
-        raise UserError("--dataset toy trains in seconds: --resume, --eval-only, --ood, --adversarial and "
-                        "--export are for the image data sets")
+    if cfg.shift or cfg.resume or cfg.eval_only or cfg.ood or cfg.adversarial or cfg.export:
+        raise UserError("--dataset toy trains in seconds and has no images: --shift, --resume, --eval-only, "
+                        "--ood, --adversarial and --export are for the image data sets")
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     x, y = (t.to(device) for t in toy_data())
@@ -1520,7 +1522,8 @@ def compare_runs(cfg):
     summary = {}
     for label, rs in groups.items():
         seeds = sorted(r["config"]["seed"] for r in rs)
-        s = summary[label] = dict(runs=len(rs), seeds=seeds, train_seconds=mean_std([r.get("train_seconds") for r in rs]))
+        s = summary[label] = dict(runs=len(rs), seeds=seeds,
+                                  train_seconds=mean_std([r.get("train_seconds") for r in rs]))
         if "accuracy" in rs[0]:
             s["single"] = mean_std([r["accuracy"]["single_mean"] for r in rs])
             s["ensemble"] = {m: mean_std([(r["accuracy"]["ensemble"].get(m) or {}).get("mean") for r in rs])
