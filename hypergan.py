@@ -1220,8 +1220,9 @@ def restore(ckpt, cfg, model, D, state, path):
     fields = ARCH_FIELDS + (("networks_per_step",) if cfg.method == "ensemble" else ())  # its member count
     if state is not None:
         fields += tuple(k for k in TRAINING_FIELDS if k not in fields and k != "epochs")
+    trained_with = completed(ckpt["config"])
     for k in fields:
-        trained = completed(ckpt["config"])[k]
+        trained = trained_with[k]
         if trained != getattr(cfg, k):
             raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {trained}, "
                             f"this run has {getattr(cfg, k)}; pass the same value")
@@ -1581,8 +1582,9 @@ def run(cfg):
         raise UserError("--eval-only needs --checkpoint PATH")
     ckpt = load_checkpoint(ckpt_path) if (cfg.eval_only or cfg.resume) else None
     if cfg.eval_only:
+        trained_with = completed(ckpt["config"])
         for k in TRAINING_FIELDS:  # how the checkpoint was trained (K: the standard ensemble's size)
-            setattr(cfg, k, completed(ckpt["config"])[k])
+            setattr(cfg, k, trained_with[k])
     data = load_data(cfg, device)
     net = TARGETS[data["arch"]](data["num_classes"], cfg.dropout if cfg.method == "dropout" else 0.0).to(device)
     model, D = build_model(cfg, net)
