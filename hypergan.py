@@ -16,8 +16,7 @@ Table 2, test accuracy % of 1 / 5 / 10 / 100 sampled networks. Ours: mean of 3 s
     MNIST        ours 99.29 / 99.34 / 99.35 / 99.35      paper 98.64 / 98.75 / 99.22 / 99.31
     MNIST-5000   ours 98.76 / 98.95 / 98.97 / 98.99      paper 96.69 / 97.24 / 97.33 / 97.71
     CIFAR-10, CIFAR-5: not measured (no copy of CIFAR-10 could be reached).
-Glossary: K networks sampled a step, b images per network a step, N target layers, d code size; OOD out of
-distribution, AUROC area under the ROC curve, FPR95 false-positive rate at 95 % true positives (section 9).
+K: networks sampled a step; b: images per network a step; N: target layers; d: size of a code z_i.
 """
 import argparse
 import copy
@@ -44,9 +43,8 @@ RECIPES = {  # epochs, K networks a step, b images each, image shift (CIFAR: off
     "synthetic-mnist":   dict(epochs=3, networks_per_step=8, images_per_network=8, shift=2, init_spread=0.1),
     "synthetic-cifar10": dict(epochs=3, networks_per_step=8, images_per_network=8, shift=4, init_spread=0.1),
     "toy":               dict(epochs=2000, networks_per_step=32, images_per_network=20, shift=0, init_spread=1.0)}
-# The baselines' K and b: 10 independently trained networks on 32 images each a step; MC dropout, one network.
-METHOD_RECIPES = {"ensemble": dict(networks_per_step=10, images_per_network=32),
-                  "dropout": dict(networks_per_step=16, images_per_network=8)}
+METHOD_RECIPES = {"ensemble": dict(networks_per_step=10, images_per_network=32),    # 10 networks, 32 images each
+                  "dropout": dict(networks_per_step=16, images_per_network=8)}     # one network, 16 x 8 masks
 OOD_SETS = ("mnist5-9", "fashionmnist", "kmnist", "notmnist", "cifar5-9", "svhn", "noise")
 S_DIM, D_DIM, PRETRAIN_STEPS = 256, 128, 100  # noise s, each code z_i (official V1 MNIST); mixer pre-training steps
 VAL_SIZE, VAL_NETWORKS = 5000, 10    # training images held out to pick the best epoch (synthetic: 512); networks
@@ -63,11 +61,9 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 def parse_args(argv=None):
-    recipes = "\n".join(f"  {name:20}" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in r.items())
-                        for name, r in {**RECIPES, **{f"--method {m}": r for m, r in METHOD_RECIPES.items()}}.items())
-    p = ArgumentParser(description="HyperGAN (Ratzlaff & Fuxin, ICML 2019): train, evaluate, export.",
-                       epilog=f"recipes, the defaults of the options marked R:\n{recipes}",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipe = lambda key: " (default: " + ", ".join(f"{r[key]} for {name}" for name, r in RECIPES.items()) + "".join(
+        f"; {r[key]} for --method {m}" for m, r in METHOD_RECIPES.items() if key in r) + ")"
+    p = ArgumentParser(description="HyperGAN (Ratzlaff & Fuxin, ICML 2019): train, evaluate, export.")
     a = p.add_argument
     a("--dataset", default="mnist", choices=list(RECIPES), help="mnist0-4: for --ood mnist5-9; synthetic-*: offline")
     a("--method", default="hypergan", choices=["hypergan", *METHOD_RECIPES], help="or a baseline (Table 2)")
@@ -81,11 +77,13 @@ def parse_args(argv=None):
     a("--checkpoint", default="", help="the checkpoint that --eval-only evaluates")
     a("--export", nargs=2, metavar=("N", "PATH"), help="write N sampled networks as state_dicts into folder PATH")
     a("--synthetic-size", type=int, default=4096, help="training images of the synthetic sets (default: 4096)")
-    a("--epochs", type=int, help="R: passes over the training set")
-    a("--networks-per-step", type=int, help="R: K, networks sampled a step (the standard ensemble's members)")
-    a("--images-per-network", type=int, help="R: b, images each network sees a step")
-    a("--shift", type=int, help="R: training images move by up to this many pixels each way (CIFAR also flips)")
-    a("--init-spread", type=float, help="R: the networks' departure from the mean network at init (row 3)")
+    a("--epochs", type=int, help="passes over the training set" + recipe("epochs"))
+    a("--networks-per-step", type=int, help="K, networks sampled a step" + recipe("networks_per_step"))
+
+    a("--images-per-network", type=int, help="b, images each network sees a step" + recipe("images_per_network"))
+    a("--shift", type=int, help="images move up to this many pixels each way (CIFAR: and flip)" + recipe("shift"))
+    a("--init-spread", type=float, help="initial spread around the mean network (row 3)" + recipe("init_spread"))
+
     a("--lr", type=float, default=1e-3, help="Adam rate of Q and the G_i, cosine-decayed to 0 (default: 1e-3)")
     a("--lr-d", type=float, default=1e-3, help="Adam rate of D (default: 1e-3; official code: 1e-4)")
     a("--beta", type=float, default=1.0, help="weight of Eq. (3) in Eq. (2); 0: the no-D ablation (default: 1)")
@@ -121,9 +119,6 @@ def progress(name, total, every=10.0):
             print(f"  {name}: {done}/{total}, {spent:.0f} s, ETA {spent * (total / done - 1):.0f} s", flush=True)
     return report
 
-def first_line(e):
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
-
 # 2. Data: each split one normalised tensor on the device, batches by indexing, augmentation in batch: no DataLoader
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)                                # official code
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # official code
@@ -151,7 +146,7 @@ def torchvision_split(name, root, train, download):
         x = x.unsqueeze(1) if x.dim() == 3 else x if name == "svhn" else x.permute(0, 3, 1, 2)   # (n, C, H, W)
         assert len(x) == len(y) > 0, "images and labels do not match"
     except Exception as e:  # offline, a failed download, a corrupt or truncated file, scipy missing for SVHN
-        raise UserError(f"could not load {name} from {root!r} ({first_line(e)}); "
+        raise UserError(f"could not load {name} from {root!r} ({e!r:.100}); "
                         + ("check the network or the files" if download else "--no-download needs the files there"))
     return x.float().div(255), y
 
@@ -192,8 +187,7 @@ def load_data(cfg, device):
     num_classes, held_out = 10, x_test[y_test >= 5]
     if cfg.dataset in ("cifar5", "mnist0-4"):           # CIFAR-5: the first five classes (Table 2's caption)
         x, y, x_test, y_test, num_classes = x[y < 5], y[y < 5], x_test[y_test < 5], y_test[y_test < 5], 5
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    # Deviation (row 11): MNIST-5000 is a fixed, seeded 5,000-image subset.
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))      # MNIST-5000: Deviation (row 11)
     val, train = order[:val_size], order[val_size:][:5000 if cfg.dataset == "mnist5000" else None]
     mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)             # (C, 1, 1)
     norm = lambda t: ((t - mean) / std).to(device)
@@ -202,11 +196,13 @@ def load_data(cfg, device):
                 arch="small" if x.shape[1] == 1 else "mednet", black=norm(torch.zeros(1, 1, 1)),
                 mean=mean.to(device), std=std.to(device), normalise=norm, ood={}, ood_skipped={})
     for name in cfg.ood:                                # loaded before training: a missing set fails in seconds
-        data["ood"][name] = load_ood(name, cfg, data, held_out)
-        if data["ood"][name] is None:
-            why = f"no readable images under {os.path.join(cfg.data_root, 'notMNIST_small')}"
-            print(f"ood {name}: skipped, {why} (unpack notMNIST_small.tar.gz there to use it)")
-            data["ood_skipped"][name], _ = dict(skipped=why), data["ood"].pop(name)
+        x_ood = load_ood(name, cfg, data, held_out)
+        if x_ood is None:                               # only notMNIST is optional
+            data["ood_skipped"][name] = dict(skipped=f"no readable images in {cfg.data_root}/notMNIST_small")
+            print(f"ood {name}: skipped, {data['ood_skipped'][name]['skipped']} (unpack notMNIST_small.tar.gz there)")
+        else:
+            data["ood"][name] = x_ood
+
     return data
 
 def augment_batch(x, black, shift, flip, generator=None):
@@ -224,8 +220,8 @@ def augment_batch(x, black, shift, flip, generator=None):
 
 # 3. Target networks F(x; theta) (PAPER.md 3): plain nn.Sequential models; functional_forward runs K at once ========
 def small_net(num_classes=10, p=0.0):
-    """MNIST target of the official code. Deviation (row 14, exact): pooling before the activation, since
-    max(f(a), f(b)) = f(max(a, b)) for increasing f. p > 0: dropout after each hidden layer (MC dropout)."""
+    """MNIST target (official code). Deviation (row 14, exact): pooling first; p > 0: dropout (MC dropout)."""
+
     drop = [nn.Dropout(p)] if p else []
     return nn.Sequential(nn.Conv2d(1, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,      # (B, 32, 12, 12)
                          nn.Conv2d(32, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,     # (B, 32, 4, 4)
@@ -294,9 +290,8 @@ class HyperGAN(nn.Module):
         self.s_dim = S_DIM if mixer else len(self.shapes) * D_DIM   # no mixer: s is the N independent codes z_i
         # Deviation (row 2): the biases are generated too (2019 code), so G_i outputs weight_i and bias_i.
         self.G = nn.ModuleList(mlp([D_DIM, hidden, hidden, w.numel() + b.numel()], nn.ELU) for w, b in self.shapes)
-        # Deviation (row 3): G_i's last layer is theta_i = bias + scale_i * (W h), scale_i = 1/sqrt(fan_in) of target
-        # layer i. The bias starts as the default init of the target layer, a mean network; W h, each network's
-        # departure from it, starts at init_spread times the target's init scale.
+        # Deviation (row 3): G_i's last layer is theta_i = bias + scale_i * (W h), scale_i = 1/sqrt(fan_in) of layer
+        # i: the bias starts as the target's default init (a mean network), W h at init_spread x the init scale.
         self.scales = [1 / math.sqrt(w[1:].numel()) for w, _ in self.shapes]
         with torch.no_grad():
             for G, layer in zip(self.G, param_layers(net)):
@@ -631,9 +626,12 @@ def uncertainty_evaluation(model, net, data, cfg):
             g = torch.Generator(x_test.device).manual_seed(EVAL_SEED)
             theta = model.eval().sample(min(UQ_NETWORKS, model.max_networks), g)
         if cfg.ood:
-            p_in, out["ood"] = ensemble_probs(net, theta, x_test), dict(data["ood_skipped"])
-        for name, x_ood in data["ood"].items():
+            p_in, out["ood"], report = ensemble_probs(net, theta, x_test), dict(data["ood_skipped"]), progress(
+                "ood sets", len(data["ood"]) + 1, every=5.0)
+        for i, (name, x_ood) in enumerate(data["ood"].items()):
+            report(i + 1)
             r = out["ood"][name] = dict(detection(p_in, ensemble_probs(net, theta, x_ood)), networks=len(theta[0][0]))
+
             print(f"ood {name:12s} AUROC {r['auroc']:.4f}  FPR at 95 % TPR {r['fpr95']:.4f}  mean entropy "
                   f"in {r['entropy_in_mean']:.3f} / out {r['entropy_out_mean']:.3f}", flush=True)
         if cfg.adversarial:
@@ -649,8 +647,7 @@ def run_toy(cfg, device):
     g = torch.Generator().manual_seed(1)
     x = torch.cat([torch.rand(18, generator=g) * 8 - 4, torch.tensor([-4.0, 4.0])])
     x, y = x.unsqueeze(1).to(device), (x.pow(3) + 3 * torch.randn(20, generator=g)).to(device)   # (20, 1), (20,)
-    # Deviation (row 30): the targets are divided by their std (about 40), so the MSE is of order 1 like Eq. (1)'s
-    # cross-entropy and beta keeps its meaning; predictions are scaled back.
+    # Deviation (row 30): targets divided by their std (about 40), so the MSE is of order 1 like Eq. (1)'s CE
     scale, zero, t0 = y.std(), torch.zeros((), device=device), time.perf_counter()
     net, model, D = build(cfg, "toy", 1, device)
     opts, sched = make_optimizers(model, D, cfg, cfg.epochs)
@@ -677,7 +674,11 @@ def run_toy(cfg, device):
                spread_inside=std[inside].mean().item(), spread_outside=std[~inside].mean().item())
     print(f"toy: {seconds:.1f} s; MSE of the {len(pred)}-network mean on the 20 points {toy['train_mse']:.2f} (noise "
           f"variance 9); spread inside [-4, 4] {toy['spread_inside']:.2f}, outside {toy['spread_outside']:.2f}")
-    return dict(dataset="toy", method=cfg.method, config=vars(cfg), train_seconds=seconds, toy=toy)
+    results = dict(dataset="toy", method=cfg.method, config=vars(cfg), train_seconds=seconds, toy=toy)
+    write_results(cfg, results)
+    return results
+
+
 
 # 11. Checkpoints, results and figures. A run writes only into an --out-dir free of other runs' files, each file under
 # a temporary name renamed over its target: an interrupt never leaves half a file, and nothing is silently replaced.
@@ -704,7 +705,7 @@ def check_paths(cfg):
             open(os.path.join(folder, ".write_test.tmp"), "w").close()
             os.remove(os.path.join(folder, ".write_test.tmp"))
         except OSError as e:
-            raise UserError(f"{what} {folder!r} is not a writable folder ({first_line(e)})")
+            raise UserError(f"{what} {folder!r} is not a writable folder ({e!r:.100})")
     if cfg.export and any(f.startswith("net_") for f in os.listdir(cfg.export[1])):
         raise UserError(f"--export PATH {cfg.export[1]!r} already holds exported networks; pass a new folder")
 
@@ -713,8 +714,7 @@ def atomic_write(path, write):
         write(path + ".tmp")
         os.replace(path + ".tmp", path)
     finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        Path(path + ".tmp").unlink(missing_ok=True)
 
 def save_checkpoint(path, cfg, model, D, state):
     ckpt = dict(format=CHECKPOINT_FORMAT, config=vars(cfg), model=model.state_dict(), D=D and D.state_dict(),
@@ -729,7 +729,7 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert isinstance(ckpt, dict) and "format" in ckpt
     except Exception as e:
-        raise UserError(f"{path!r} is not a readable HyperGAN checkpoint ({first_line(e)[:80]})")
+        raise UserError(f"{path!r} is not a readable HyperGAN checkpoint ({e!r:.100})")
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise UserError(f"{path!r} has checkpoint format {ckpt['format']}; this hypergan.py reads format "
                         f"{CHECKPOINT_FORMAT}, so use the version that wrote it")
@@ -747,7 +747,7 @@ def restore(ckpt, cfg, model, D, state, path):
             if module is not None:
                 module.load_state_dict(ckpt[key])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"{path!r} does not match this model ({first_line(e)[:120]})")
+        raise UserError(f"{path!r} does not match this model ({e!r:.100})")
     if state is not None:
         state.update({k: ckpt[k] for k in ("epoch", "steps", "seconds", "best_val", "history")})
         torch.set_rng_state(ckpt["rng_cpu"])
@@ -840,9 +840,7 @@ def main(argv=None):
         rank, world, device = init_distributed(cfg.device)
         torch.manual_seed(cfg.seed)                   # the CPU and CUDA generators; data splits have their own
         if cfg.dataset == "toy":
-            results = run_toy(cfg, device)
-            write_results(cfg, results)
-            return results
+            return run_toy(cfg, device)
         ckpt_path = cfg.checkpoint or os.path.join(cfg.out_dir, "checkpoint.pt")
         ckpt = load_checkpoint(ckpt_path) if cfg.eval_only or cfg.resume else None
         if cfg.eval_only:                             # how it was trained (the standard ensemble: how many members)
@@ -850,8 +848,7 @@ def main(argv=None):
         data = load_data(cfg, device)
         net, model, D = build(cfg, data["arch"], data["num_classes"], device)
         log = print if rank == 0 else (lambda *a, **k: None)
-        log(f"{cfg.method} on {cfg.dataset}: {len(data['train'][0])} training images, {device} x {world}, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+        log(f"{cfg.method} on {cfg.dataset}: {len(data['train'][0])} training images, {device} x {world} processes")
         opts, sched = make_optimizers(model, D, cfg, max(1, epoch_layout(cfg, len(data["train"][0]), world)[0]
                                                          * cfg.epochs))
         state = dict(opts=opts, sched=sched, epoch=0, steps=0, seconds=0.0, best_val=-1.0, history=[])
@@ -896,8 +893,6 @@ def main(argv=None):
         import resource                               # peak memory: CUDA's allocator, or the process's (Linux: KiB)
         results["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
-        print(f"training {results['networks_x_images_per_second']:.0f} networks x images/s; peak memory "
-              f"{results['peak_memory_mb']:.0f} MB")
         write_results(cfg, results)
         if cfg.export:
             export_networks(model, data["arch"], data["num_classes"], *cfg.export)
