@@ -19,6 +19,7 @@ Table 2, test accuracy % of 1 / 5 / 10 / 100 sampled networks. Ours: mean of 3 s
 K: networks sampled a step; b: images per network a step; N: target layers; d: size of a code z_i.
 """
 import argparse
+import contextlib
 import copy
 import glob
 import json
@@ -137,11 +138,10 @@ def synthetic_split(shape, n, seed):
 def torchvision_split(name, root, train, download):
     """Images (n, C, H, W) in [0, 1] and labels of a torchvision data set; any failure is one UserError."""
     import torchvision.datasets as sets
-    cls = dict(mnist=sets.MNIST, cifar10=sets.CIFAR10, svhn=sets.SVHN, fashionmnist=sets.FashionMNIST,
-               kmnist=sets.KMNIST)
+    cls = getattr(sets, {"fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}.get(name, name.upper()))
     try:
-        ds = cls[name](root, **(dict(split="train" if train else "test") if name == "svhn" else dict(train=train)),
-                       download=download)
+        ds = cls(root, **(dict(split="train" if train else "test") if name == "svhn" else dict(train=train)),
+                 download=download)
         x, y = torch.as_tensor(ds.data), torch.as_tensor(ds.labels if name == "svhn" else ds.targets).long()
         x = x.unsqueeze(1) if x.dim() == 3 else x if name == "svhn" else x.permute(0, 3, 1, 2)   # (n, C, H, W)
         assert len(x) == len(y) > 0, "images and labels do not match"
@@ -162,10 +162,8 @@ def load_ood(name, cfg, data, held_out):
         from torchvision.io import ImageReadMode, decode_image
         x = []
         for path in sorted(glob.glob(os.path.join(cfg.data_root, "notMNIST_small", "*", "*"))):
-            try:
+            with contextlib.suppress(RuntimeError, OSError):                  # the archive has unreadable files
                 x.append(decode_image(path, ImageReadMode.GRAY).view(1, 28, 28).float() / 255)
-            except (RuntimeError, OSError):
-                continue
         x = torch.stack(x) if x else None
     elif name == "noise":                                        # uniform random pixels, as many as the test set
         x = torch.rand(len(data["test"][0]), *shape, generator=torch.Generator().manual_seed(3))
@@ -207,13 +205,11 @@ def load_data(cfg, device):
 
 def augment_batch(x, black, shift, flip, generator=None):
     """Images x (B, C, H, W) move by up to `shift` pixels on a black border; `flip` mirrors half of them."""
-    B, C, H, W = x.shape
+    (B, C, H, W), ar = x.shape, lambda n: torch.arange(n, device=x.device)
     padded = F.pad(x - black, (shift,) * 4) + black                              # (B, C, H + 2 shift, W + 2 shift)
     dy, dx = torch.randint(0, 2 * shift + 1, (2, B, 1), device=x.device, generator=generator)
-    rows = (dy + torch.arange(H, device=x.device))[:, None, :, None]              # (B, 1, H, 1)
-    cols = (dx + torch.arange(W, device=x.device))[:, None, None, :]              # (B, 1, 1, W)
-    x = padded[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[:, None, None],
-               rows, cols]
+    rows, cols = (dy + ar(H))[:, None, :, None], (dx + ar(W))[:, None, None, :]   # (B, 1, H, 1), (B, 1, 1, W)
+    x = padded[ar(B)[:, None, None, None], ar(C)[:, None, None], rows, cols]      # each image its own crop
     if flip:
         x = torch.where(torch.rand(B, 1, 1, 1, device=x.device, generator=generator) < 0.5, x.flip(-1), x)
     return x
@@ -626,8 +622,9 @@ def uncertainty_evaluation(model, net, data, cfg):
             g = torch.Generator(x_test.device).manual_seed(EVAL_SEED)
             theta = model.eval().sample(min(UQ_NETWORKS, model.max_networks), g)
         if cfg.ood:
-            p_in, out["ood"], report = ensemble_probs(net, theta, x_test), dict(data["ood_skipped"]), progress(
-                "ood sets", len(data["ood"]) + 1, every=5.0)
+            report = progress("ood sets", len(data["ood"]) + 1, every=5.0)
+            p_in, out["ood"] = ensemble_probs(net, theta, x_test), dict(data["ood_skipped"])
+
         for i, (name, x_ood) in enumerate(data["ood"].items()):
             report(i + 1)
             r = out["ood"][name] = dict(detection(p_in, ensemble_probs(net, theta, x_ood)), networks=len(theta[0][0]))
@@ -809,8 +806,10 @@ def write_results(cfg, results):
     if toy and cfg.figures:                                                       # the networks' predictive spread
         fig, ax = plt.subplots(figsize=(5, 4))
         ax.fill_between(toy["x"], *[[m + k * s for m, s in zip(toy["mean"], toy["std"])] for k in (-2, 2)], alpha=0.3)
-        ax.plot(toy["x"], toy["mean"], "-", toy["x"], [v ** 3 for v in toy["x"]], "k--", toy["train_x"], toy["train_y"],
-                "k.")
+        ax.plot(toy["x"], toy["mean"], "-", toy["x"], [v**3 for v in toy["x"]], "k--")
+        ax.plot(toy["train_x"], toy["train_y"], "k.")
+
+
         ax.set(xlabel="x", ylim=(-250, 250), title=f"1D toy, {cfg.method}: mean ± 2 std, x³ (dashed), data")
         save(fig, "toy.png")
 
