@@ -80,11 +80,9 @@ def parse_args(argv=None):
     a("--synthetic-size", type=int, default=4096, help="training images of the synthetic sets (default: 4096)")
     a("--epochs", type=int, help="passes over the training set" + recipe("epochs"))
     a("--networks-per-step", type=int, help="K, networks sampled a step" + recipe("networks_per_step"))
-
     a("--images-per-network", type=int, help="b, images each network sees a step" + recipe("images_per_network"))
     a("--shift", type=int, help="images move up to this many pixels each way (CIFAR: and flip)" + recipe("shift"))
     a("--init-spread", type=float, help="initial spread around the mean network (row 3)" + recipe("init_spread"))
-
     a("--lr", type=float, default=1e-3, help="Adam rate of Q and the G_i, cosine-decayed to 0 (default: 1e-3)")
     a("--lr-d", type=float, default=1e-3, help="Adam rate of D (default: 1e-3; official code: 1e-4)")
     a("--beta", type=float, default=1.0, help="weight of Eq. (3) in Eq. (2); 0: the no-D ablation (default: 1)")
@@ -200,7 +198,6 @@ def load_data(cfg, device):
             print(f"ood {name}: skipped, {data['ood_skipped'][name]['skipped']} (unpack notMNIST_small.tar.gz there)")
         else:
             data["ood"][name] = x_ood
-
     return data
 
 def augment_batch(x, black, shift, flip, generator=None):
@@ -217,7 +214,6 @@ def augment_batch(x, black, shift, flip, generator=None):
 # 3. Target networks F(x; theta) (PAPER.md 3): plain nn.Sequential models; functional_forward runs K at once ========
 def small_net(num_classes=10, p=0.0):
     """MNIST target (official code). Deviation (row 14, exact): pooling first; p > 0: dropout (MC dropout)."""
-
     drop = [nn.Dropout(p)] if p else []
     return nn.Sequential(nn.Conv2d(1, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,      # (B, 32, 12, 12)
                          nn.Conv2d(32, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,     # (B, 32, 4, 4)
@@ -349,7 +345,6 @@ def descend(optimizer, loss):
     optimizer.step()
 
 # 6. Training: a step is one D update on Eq. (3), then one Q and G update on Eq. (2), 1:1 as the official code ====
-# Deviation (row 5): each of the K networks sees its own b images, K*b distinct images a step.
 STATS = ("ce", "d_loss", "q_adv", "D(p)", "D(z)", "acc")       # q_adv = -Dist_z, the adversarial term Q minimises
 
 def train_step(model, D, net, opts, x, y, beta, task_loss=classification_loss):
@@ -412,7 +407,7 @@ def train(cfg, model, D, net, data, state, ddp=None, rank=0, world=1):
         sums, n_sum, t_log = 0, 0, time.perf_counter()
         for i in range(steps):
             start = (i * world + rank) * per_process                       # this process's shard of the step
-            idx = order[:, start:start + per_process].reshape(K, b)        # network k gets the images idx[k]
+            idx = order[:, start:start + per_process].reshape(K, b)        # network k: images idx[k] (row 5)
             x = x_train[idx.flatten()]
             x = augment_batch(x, data["black"], cfg.shift, data["flip"]) if cfg.shift else x
             sums = sums + train_step(*(ddp or (model, D)), net, state["opts"], x.view(K, b, *x.shape[1:]),
@@ -439,27 +434,24 @@ def train(cfg, model, D, net, data, state, ddp=None, rank=0, world=1):
         improved, state["best_val"] = val["single_mean"] > state["best_val"], max(state["best_val"], val["single_mean"])
         for name in ("checkpoint.pt", "best.pt") if improved else ("checkpoint.pt",):
             save_checkpoint(os.path.join(cfg.out_dir, name), cfg, model, D, state)
-        print(f"epoch {epoch + 1}: validation accuracy of one network {100 * val['single_mean']:.2f} ± "
-              f"{100 * val['single_std']:.2f} %; diversity: weight-norm RSD {div['weight_norm_rsd_mean']:.4f}, test "
-              f"disagreement {100 * div['disagreement']:.2f} %" + ("  -> best.pt" if improved else ""), flush=True)
+        print(f"epoch {epoch + 1}: validation {100 * val['single_mean']:.2f} ± {100 * val['single_std']:.2f} % (one "
+              f"network); weight-norm RSD {div['weight_norm_rsd_mean']:.4f}; test disagreement "
+              f"{100 * div['disagreement']:.2f} %" + "  -> best.pt" * improved, flush=True)
 
 # 7. Evaluation: Table 2 (accuracy of 1, 5, 10, 100 networks) and Fig. 7 (diversity) ===============================
-# Deviation (row 9): BatchNorm of Q and G in eval mode, so a network can be sampled alone (official: training mode).
 @torch.no_grad()
-def sample_probs(model, net, x, n_networks, seed=EVAL_SEED, report=None, nets_per_chunk=None, images_per_chunk=None):
-    """Softmax outputs (n_networks, len(x), classes), in chunks that fit a CPU's cache; a seed, the same networks."""
-    nets_per_chunk = nets_per_chunk or (10 if x.device.type == "cpu" else 100)
-    images_per_chunk = images_per_chunk or (50 if x.device.type == "cpu" else 500)
+def sample_probs(model, net, x, n_networks, seed=EVAL_SEED, report=lambda done: None):
+    """Softmax outputs (n_networks, len(x), classes); the same seed, the same networks (and MC dropout masks)."""
+    nets, images = (10, 50) if x.device.type == "cpu" else (100, 500)    # chunks that fit a CPU's cache
     was_training, g, out = model.training, torch.Generator(x.device).manual_seed(seed), []
-    model.eval()
+    model.eval()                        # Deviation (row 9): BatchNorm of Q and G in eval mode: one network alone
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         torch.manual_seed(seed)
-        for k in range(0, n_networks, nets_per_chunk):
-            theta = model.sample(min(nets_per_chunk, n_networks - k), g, first=k)
-            out.append(torch.cat([functional_forward(net, theta, x[i:i + images_per_chunk]).float().softmax(-1)
-                                  for i in range(0, len(x), images_per_chunk)], dim=1))
-            if report:
-                report(k + len(out[-1]))
+        for k in range(0, n_networks, nets):
+            theta = model.sample(min(nets, n_networks - k), g, first=k)
+            out.append(torch.cat([functional_forward(net, theta, x[i:i + images]).float().softmax(-1)
+                                  for i in range(0, len(x), images)], dim=1))
+            report(k + len(out[-1]))
     model.train(was_training)
     return torch.cat(out)
 
@@ -468,7 +460,7 @@ def disagreement(probs):
     M, votes = len(probs), F.one_hot(probs.argmax(-1), probs.shape[-1]).sum(0).float()   # (images, classes)
     return ((M * M - votes.pow(2).sum(-1)) / (M * (M - 1))).mean().item()
 
-def evaluate(model, net, x, y, n_networks, sizes=(1, 5, 10, 100), report=None):
+def evaluate(model, net, x, y, n_networks, sizes=(1, 5, 10, 100), report=lambda done: None):
     """Accuracy and NLL of ensembles (mean softmax) of each size m in `sizes`: the disjoint groups of m of the
     n_networks sampled, so independent draws, with mean and std over the groups (None when n_networks < m)."""
     probs = sample_probs(model, net, x, n_networks, report=report)                # (n, images, classes)
@@ -508,11 +500,10 @@ class StandardEnsemble(nn.Module):
     """M independently initialised networks, each parameter a (M, *shape) stack; sample: members first.. first+n."""
     def __init__(self, net, members):
         super().__init__()
-        members = [copy.deepcopy(net) for _ in range(members)]
-        for layer in (layer for member in members for layer in param_layers(member)):
+        self.max_networks, nets = members, [copy.deepcopy(net) for _ in range(members)]
+        for layer in (layer for n in nets for layer in param_layers(n)):
             layer.reset_parameters()                                               # a fresh default init each
-        self.max_networks = len(members)
-        self.params = nn.ParameterList(nn.Parameter(torch.stack(t)) for t in zip(*(m.parameters() for m in members)))
+        self.params = nn.ParameterList(nn.Parameter(torch.stack(t)) for t in zip(*(n.parameters() for n in nets)))
     def sample(self, n, generator=None, first=0):
         p = [t[first:first + n] for t in self.params]
         return list(zip(p[0::2], p[1::2]))                                         # [(weight, bias)] per layer
@@ -536,8 +527,7 @@ def build(cfg, arch, num_classes, device):
         return net, (MCDropout(net) if cfg.method == "dropout" else StandardEnsemble(net, cfg.networks_per_step)), None
     return net, HyperGAN(net, cfg.hidden, cfg.init_spread, cfg.mixer).to(device), discriminator(cfg.hidden).to(device)
 
-# 9. Uncertainty (PAPER.md 5.3, 5.4): OOD and adversarial detection ===============================================
-# The score: the entropy of the mean softmax of the first 10 evaluation networks; in-distribution inputs are negative.
+# 9. Uncertainty (PAPER.md 5.3, 5.4): OOD and adversarial detection by the entropy of 10 networks' mean softmax ====
 def entropy(p):                                                                   # in nats, over the last axis
     return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
@@ -597,11 +587,9 @@ def adversarial_evaluation(model, net, theta, data, cfg, report=lambda done: Non
                                  ("pgd_fresh", PGD_STEPS, fresh)):
         result[name] = {}
         for eps in EPSILONS:
-            adv = []
-            for i in range(0, len(x), 100):
-                adv.append(attack(net, at_step, x[i:i + 100], y[i:i + 100], eps, steps, data, start_g))
-                done += steps
-                report(done)
+            adv = [attack(net, at_step, x[i:i + 100], y[i:i + 100], eps, steps, data, start_g)    # 100 images at a
+                   for i in range(0, len(x), 100)]                                                # time: bounded memory
+            report(done := done + steps * math.ceil(len(x) / 100))
             p_adv = ensemble_probs(net, theta, torch.cat(adv))
             flipped = correct & (p_adv.argmax(-1) != y)
             r = result[name][str(eps)] = dict(accuracy=(p_adv.argmax(-1) == y).float().mean().item(), auroc=None,
@@ -624,23 +612,19 @@ def uncertainty_evaluation(model, net, data, cfg):
         if cfg.ood:
             report = progress("ood sets", len(data["ood"]) + 1, every=5.0)
             p_in, out["ood"] = ensemble_probs(net, theta, x_test), dict(data["ood_skipped"])
-
         for i, (name, x_ood) in enumerate(data["ood"].items()):
             report(i + 1)
             r = out["ood"][name] = dict(detection(p_in, ensemble_probs(net, theta, x_ood)), networks=len(theta[0][0]))
-
             print(f"ood {name:12s} AUROC {r['auroc']:.4f}  FPR at 95 % TPR {r['fpr95']:.4f}  mean entropy "
                   f"in {r['entropy_in_mean']:.3f} / out {r['entropy_out_mean']:.3f}", flush=True)
         if cfg.adversarial:
-            total = 3 * len(EPSILONS) * math.ceil(min(ADV_IMAGES, len(x_test)) / 100) * PGD_STEPS
+            total = len(EPSILONS) * math.ceil(min(ADV_IMAGES, len(x_test)) / 100) * (1 + 2 * PGD_STEPS)
             out["adversarial"] = adversarial_evaluation(model, net, theta, data, cfg, progress("attacks", total))
     return out
 
-# 10. The 1D toy (PAPER.md 5.5): y = x^3 + eps on 20 points in [-4, 4] ============================================
-# Every network sees all 20 points a step, with the MSE for Eq. (1)'s cross-entropy; they should spread out of [-4, 4].
+# 10. The 1D toy (PAPER.md 5.5): networks trained by MSE on 20 points should agree on them, spread apart elsewhere =
 def run_toy(cfg, device):
-    """Train on y = x^3 + eps, eps ~ N(0, 3^2), at 18 uniform points in [-4, 4] plus -4 and 4 (official V1); then
-    the mean and spread of 100 sampled networks on [-6, 6]."""
+    """Train on y = x^3 + N(0, 3^2) at 20 points in [-4, 4] (official V1); 100 networks' mean and spread on [-6, 6]."""
     g = torch.Generator().manual_seed(1)
     x = torch.cat([torch.rand(18, generator=g) * 8 - 4, torch.tensor([-4.0, 4.0])])
     x, y = x.unsqueeze(1).to(device), (x.pow(3) + 3 * torch.randn(20, generator=g)).to(device)   # (20, 1), (20,)
@@ -656,9 +640,8 @@ def run_toy(cfg, device):
                            lambda out, target: (F.mse_loss(out.squeeze(-1).float(), target), zero))
         sched.step()
         if (step + 1) % max(1, cfg.epochs // 5) == 0:
-            spent = time.perf_counter() - t0
-            print(f"toy, {K} networks a step: step {step + 1:5d}, MSE {stats[0]:.4f}, ETA "
-                  f"{spent * (cfg.epochs / (step + 1) - 1):.0f} s", flush=True)
+            eta = (time.perf_counter() - t0) * (cfg.epochs / (step + 1) - 1)
+            print(f"toy, {K} networks a step: step {step + 1:5d}, MSE {stats[0]:.4f}, ETA {eta:.0f} s", flush=True)
     seconds, grid = time.perf_counter() - t0, torch.linspace(-6, 6, 241, device=device).unsqueeze(1)
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(EVAL_SEED)
@@ -675,10 +658,7 @@ def run_toy(cfg, device):
     write_results(cfg, results)
     return results
 
-
-
-# 11. Checkpoints, results and figures. A run writes only into an --out-dir free of other runs' files, each file under
-# a temporary name renamed over its target: an interrupt never leaves half a file, and nothing is silently replaced.
+# 11. Checkpoints, results, figures: only into an --out-dir free of other runs' files, each via a renamed temporary file
 OUTPUTS = ("checkpoint.pt", "best.pt", "results.json", "diversity.png", "entropy_cdf.png", "adversarial.png", "toy.png")
 ARCH_OPTIONS = ("dataset", "method", "hidden", "mixer")                         # must match to load a checkpoint
 TRAINING_OPTIONS = ("seed", "networks_per_step", "images_per_network", "shift", "init_spread", "lr", "lr_d", "beta")
@@ -686,11 +666,10 @@ TRAINING_OPTIONS = ("seed", "networks_per_step", "images_per_network", "shift", 
 def check_paths(cfg):
     """Everything about files that can fail is checked here, before any long work."""
     if cfg.eval_only != bool(cfg.checkpoint) or (cfg.resume and cfg.eval_only):
-        raise UserError("--checkpoint goes with --eval-only, and --eval-only with --checkpoint; to continue a run, "
-                        "pass its --out-dir and --resume")
+        raise UserError("--checkpoint and --eval-only go together; to continue a run, pass its --out-dir and --resume")
     if cfg.dataset == "toy" and (cfg.resume or cfg.eval_only or cfg.ood or cfg.adversarial or cfg.export):
-        raise UserError("--dataset toy trains in seconds and has no images: --resume, --eval-only, --ood, "
-                        "--adversarial and --export are for the image data sets")
+        raise UserError("--dataset toy has no images: --resume, --eval-only, --ood, --adversarial and --export are "
+                        "for the image data sets")
     taken = [f for f in OUTPUTS if os.path.exists(os.path.join(cfg.out_dir, f))]
     if cfg.resume != ("checkpoint.pt" in taken) or (taken and not cfg.resume):
         raise UserError(f"--resume: there is no checkpoint.pt in --out-dir {cfg.out_dir!r}" if cfg.resume else
@@ -728,16 +707,14 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"{path!r} is not a readable HyperGAN checkpoint ({e!r:.100})")
     if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise UserError(f"{path!r} has checkpoint format {ckpt['format']}; this hypergan.py reads format "
-                        f"{CHECKPOINT_FORMAT}, so use the version that wrote it")
+        raise UserError(f"{path!r} has checkpoint format {ckpt['format']}, this file reads {CHECKPOINT_FORMAT}")
     return ckpt
 
 def restore(ckpt, cfg, model, D, state, path):
     """Loads model and D and, for --resume (state given), the training state, whose options must match too."""
     for k in ARCH_OPTIONS + (TRAINING_OPTIONS if state is not None else ()):
-        if ckpt["config"].get(k) != getattr(cfg, k):
-            raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {ckpt['config'].get(k)}, this run has "
-                            f"{getattr(cfg, k)}; pass the same value")
+        if (was := ckpt["config"].get(k)) != getattr(cfg, k):
+            raise UserError(f"{path!r} was trained with --{k.replace('_', '-')} {was}, this run has {getattr(cfg, k)}")
     try:
         for module, key in ((model, "model"), (D, "D")) + (tuple(zip((*state["opts"], state["sched"]),
                                                                    ("opt_g", "opt_d", "sched"))) if state else ()):
@@ -809,12 +786,10 @@ def write_results(cfg, results):
         ax.plot(toy["x"], toy["mean"], "-", toy["x"], [v**3 for v in toy["x"]], "k--")
         ax.plot(toy["train_x"], toy["train_y"], "k.")
 
-
         ax.set(xlabel="x", ylim=(-250, 250), title=f"1D toy, {cfg.method}: mean ± 2 std, x³ (dashed), data")
         save(fig, "toy.png")
 
-# 12. torchrun --nproc_per_node=N hypergan.py ...: each process samples its own networks on its shard of each step's
-# images; DDP averages the gradients, so all hold the same parameters; rank 0 alone logs, evaluates and writes.
+# 12. torchrun --nproc_per_node=N hypergan.py: each process its own networks and images, DDP averages the gradients
 def init_distributed(name):
     """(rank, world size, device) for --device name (auto: cuda, then mps, then cpu)."""
     if name == "auto":
@@ -828,8 +803,6 @@ def init_distributed(name):
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
 
 # 13. Main: check the input, load the data, train (or resume, or load a checkpoint), evaluate on test, write =====
 def main(argv=None):

@@ -151,10 +151,10 @@ def test_loss_falls_and_accuracy_rises_on_synthetic_task():
 
 def test_batched_evaluation_equals_per_network_evaluation():
     net, model, _, shape = make("small")
-    x = torch.randn(7, *shape)
+    x = torch.randn(60, *shape)                                         # in chunks of 10 networks x 50 images
     model.eval()                                                        # as sample_probs samples
-    probs = H.sample_probs(model, net, x, 5, seed=3, nets_per_chunk=2, images_per_chunk=3)
-    theta = model.sample(5, torch.Generator().manual_seed(3))
+    probs = H.sample_probs(model, net, x, 12, seed=3)
+    theta = model.sample(12, torch.Generator().manual_seed(3))
     torch.testing.assert_close(probs, H.functional_forward(net, theta, x).softmax(-1), rtol=1e-4, atol=1e-6)
 
 
