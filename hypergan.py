@@ -52,7 +52,7 @@ VAL_SIZE, VAL_NETWORKS = 5000, 10    # training images held out to pick the best
 EVAL_SEED, DROPOUT = 1234, 0.2       # the noise of evaluated networks, the same for every checkpoint; MC dropout p
 UQ_NETWORKS, ADV_IMAGES, PGD_STEPS = 10, 1000, 10  # ensemble of OOD and attacks, images attacked, PGD iterations
 EPSILONS = (0.01, 0.03, 0.08, 0.1, 0.3)            # attack sizes, L-inf in [0, 1] pixel units
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 
 class UserError(Exception):
     """Bad input or a failed run: main prints it as one `error:` line and exits with code 2."""
@@ -88,6 +88,7 @@ def parse_args(argv=None):
     a("--beta", type=float, default=1.0, help="weight of Eq. (3) in Eq. (2); 0: the no-D ablation (default: 1)")
     a("--hidden", type=int, default=256, help="width of Q, the G_i and D (default: 256; official code: 512)")
     a("--no-mixer", dest="mixer", action="store_false", help="ablation (Fig. 7): no Q, each z_i ~ N(0, I) alone")
+    a("--repulsion", type=float, default=0.0, help="beyond the paper: weight of `repulsion` in Eq. (2) (default: 0)")
     a("--eval-networks", type=int, default=300, help="networks sampled on the test set (default: 300)")
     a("--ood", default="", help="out-of-distribution sets, comma-separated: " + ", ".join(OOD_SETS))
     a("--adversarial", action="store_true", help="FGSM and PGD attacks, detected by the ensemble's entropy")
@@ -98,10 +99,12 @@ def parse_args(argv=None):
     cfg.out_dir, cfg.ood = cfg.out_dir or f"runs/{cfg.dataset}-{cfg.method}", [o for o in cfg.ood.split(",") if o]
     limits = dict(seed=(0, 2**63 - 1), synthetic_size=(64, 10**6), epochs=(1, 10**6), networks_per_step=(2, 4096),
                   images_per_network=(1, 4096), shift=(0, 8), init_spread=(0, 1e3), lr=(1e-12, 1), lr_d=(1e-12, 1),
-                  beta=(0, 1e4), hidden=(2, 4096), eval_networks=(1, 10**5))
+                  beta=(0, 1e4), repulsion=(0, 1e4), hidden=(2, 4096), eval_networks=(1, 10**5))
     for key, (low, high) in limits.items():         # K >= 2: Q and the G_i hold BatchNorm
         if not (math.isfinite(getattr(cfg, key)) and low <= getattr(cfg, key) <= high):
             raise UserError(f"--{key.replace('_', '-')} must be from {low} to {high}, got {getattr(cfg, key)}")
+    if cfg.repulsion and (cfg.method != "hypergan" or cfg.dataset == "toy"):
+        raise UserError("--repulsion needs --method hypergan and a classification data set (not toy)")
     for name in set(cfg.ood) - set(OOD_SETS):
         raise UserError(f"unknown --ood set {name!r}; choose from {', '.join(OOD_SETS)}")
     if cfg.export and not (cfg.export[0].isdigit() and 1 <= int(cfg.export[0]) <= 10**5):
@@ -347,7 +350,14 @@ def descend(optimizer, loss):
 # 6. Training: a step is one D update on Eq. (3), then one Q and G update on Eq. (2), 1:1 as the official code ====
 STATS = ("ce", "d_loss", "q_adv", "D(p)", "D(z)", "acc")       # q_adv = -Dist_z, the adversarial term Q minimises
 
-def train_step(model, D, net, opts, x, y, beta, task_loss=classification_loss):
+def repulsion(logits):
+    """Beyond the paper (row 32; the authors' 2020 successor): the mean RBF kernel exp(-|f_i - f_j|^2 / h) over pairs
+    i != j of the K networks' logits f on one shared batch, h = median |f_i - f_j|^2 / log K; small when they differ."""
+    f = logits.float().flatten(1)                                        # (K, b * classes)
+    d2 = torch.cdist(f, f).pow(2)[~torch.eye(len(f), dtype=torch.bool, device=f.device)]
+    return torch.exp(-d2 / (d2.median().detach() / math.log(len(f)) + 1e-8)).mean()
+
+def train_step(model, D, net, opts, x, y, beta, task_loss=classification_loss, rep_weight=0.0):
     """x: (K, b, C, H, W), network k on its images x[k]; y: (K, b). Returns STATS as a tensor, without a host sync
     (the baselines, D None: Eq. (1) alone, (ce, acc)). Under torchrun model and D are DDP wrappers (section 12)."""
     opt_g, opt_d = opts
@@ -369,11 +379,12 @@ def train_step(model, D, net, opts, x, y, beta, task_loss=classification_loss):
     # Q and G step, D held fixed.
     with autocast:
         out = functional_forward(net, theta, x)                          # (K, b, classes)
+        rep = rep_weight * repulsion(functional_forward(net, theta, x[0])) if rep_weight else 0  # all on x[0]
     ce, acc = task_loss(out, y)                                          # Eq. (1)
     D_alone.requires_grad_(False)
     dist_z = code_distance(D_alone, z)
     D_alone.requires_grad_(True)
-    descend(opt_g, ce - beta * dist_z)                                   # Eq. (2): min over Q, G of CE - beta Dist
+    descend(opt_g, ce - beta * dist_z + rep)             # Eq. (2): min over Q, G of CE - beta Dist; rep 0 by default
     with torch.no_grad():
         Dp, Dz = torch.sigmoid(D_alone(p)).mean(), torch.sigmoid(D_alone(z)).mean()
     return torch.stack([ce.detach(), d_loss.detach(), -dist_z.detach(), Dp, Dz, acc])
@@ -411,7 +422,7 @@ def train(cfg, model, D, net, data, state, ddp=None, rank=0, world=1):
             x = x_train[idx.flatten()]
             x = augment_batch(x, data["black"], cfg.shift, data["flip"]) if cfg.shift else x
             sums = sums + train_step(*(ddp or (model, D)), net, state["opts"], x.view(K, b, *x.shape[1:]),
-                                     y_train[idx], cfg.beta)
+                                     y_train[idx], cfg.beta, rep_weight=cfg.repulsion)
             state["sched"].step()
             n_sum += 1
             if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
@@ -661,7 +672,8 @@ def run_toy(cfg, device):
 # 11. Checkpoints, results, figures: only into an --out-dir free of other runs' files, each via a renamed temporary file
 OUTPUTS = ("checkpoint.pt", "best.pt", "results.json", "diversity.png", "entropy_cdf.png", "adversarial.png", "toy.png")
 ARCH_OPTIONS = ("dataset", "method", "hidden", "mixer")                         # must match to load a checkpoint
-TRAINING_OPTIONS = ("seed", "networks_per_step", "images_per_network", "shift", "init_spread", "lr", "lr_d", "beta")
+TRAINING_OPTIONS = ("seed", "networks_per_step", "images_per_network", "shift", "init_spread", "lr", "lr_d", "beta",
+                    "repulsion")
 
 def check_paths(cfg):
     """Everything about files that can fail is checked here, before any long work."""

@@ -133,6 +133,24 @@ def test_initial_spread_is_init_spread_times_the_init_scale(spread):
         assert (w.mean(0) - layer.weight).abs().mean() < 0.2 * spread * scale
 
 
+def test_repulsion_by_hand_and_it_pushes_the_networks_apart():
+    # K = 2: h = |f_1 - f_2|^2 / log 2, so the kernel is exp(-log 2) = 1/2 for any two different networks
+    assert H.repulsion(torch.tensor([[0.0, 1.0], [3.0, -1.0]])).item() == pytest.approx(0.5)
+    f = torch.randn(5, 3, 10)
+    d2 = torch.stack([((f[i] - f[j]) ** 2).sum() for i in range(5) for j in range(5) if i != j])
+    assert H.repulsion(f).item() == pytest.approx(torch.exp(-d2 / (d2.median() / math.log(5))).mean().item(), rel=1e-4)
+    x, y, spread = torch.randn(8, 4, 1, 28, 28), torch.randint(10, (8, 4)), {}
+    for weight in (0.0, 10.0):                          # the same start, 10 steps with and without the repulsion
+        net, model, _, _ = make("small", K=8)
+        D = H.discriminator(32)
+        opts, _ = H.make_optimizers(model, D, H.parse_args(["--out-dir", "unused"]), 10)
+        for _ in range(10):
+            H.train_step(model, D, net, opts, x, y, 1.0, rep_weight=weight)
+        with torch.no_grad():
+            spread[weight] = H.functional_forward(net, model.eval().sample(8), x[0]).std(0).mean().item()
+    assert spread[10.0] > 1.5 * spread[0.0], spread
+
+
 def test_loss_falls_and_accuracy_rises_on_synthetic_task():
     cfg = H.parse_args(FAST + ["--out-dir", "unused"])
     data = H.load_data(cfg, torch.device("cpu"))
@@ -350,7 +368,9 @@ def test_the_process_fails_with_one_line_and_no_traceback(tmp_path):
     (["--ood", "imagenet"], "unknown --ood"), (["--ood", "mnist5-9"], "--dataset mnist0-4"),
     (["--ood", "svhn"], "(3, 32, 32)"), (["--checkpoint", "x.pt"], "--eval-only"), (["--eval-only"], "--checkpoint"),
     (["--resume"], "no checkpoint.pt"), (["--dataset", "toy", "--ood", "noise"], "toy"),
-    (["--dataset", "toy", "--export", "2", "n"], "toy"), (["--dataset", "toy", "--resume"], "toy")])
+    (["--dataset", "toy", "--export", "2", "n"], "toy"), (["--dataset", "toy", "--resume"], "toy"),
+    (["--repulsion", "-1"], "--repulsion"), (["--repulsion", "nan"], "--repulsion"),
+    (["--repulsion", "1", "--method", "ensemble"], "--repulsion"), (["--dataset", "toy", "--repulsion", "1"], "toy")])
 def test_bad_options_fail_fast_and_write_nothing(tmp_path, capsys, args, words):
     out = tmp_path / "out"
     assert words in fails(capsys, *TINY, "--out-dir", out, *args)
