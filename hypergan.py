@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 # 1. Configuration: plain argparse; RECIPES holds what differs between data sets, and --help prints it =============
 # "Deviation (row N)": a departure from the paper or the official code; paper_notes.md, row N, says why.
-RECIPES = {  # epochs, K networks a step, b images each, image shift (CIFAR: official; MNIST: Deviation, row 17)
+RECIPES = {  # epochs, K networks a step, b images each (row 6), image shift (CIFAR: official; MNIST: row 17)
     "mnist":             dict(epochs=20, networks_per_step=16, images_per_network=8, shift=2, init_spread=0.1),
     "mnist5000":         dict(epochs=60, networks_per_step=16, images_per_network=8, shift=2, init_spread=0.1),
     "mnist0-4":          dict(epochs=20, networks_per_step=16, images_per_network=8, shift=2, init_spread=0.1),
@@ -87,8 +87,8 @@ def parse_args(argv=None):
     a("--lr", type=float, default=1e-3, help="Adam rate of Q and the G_i, cosine-decayed to 0 (default: 1e-3)")
     a("--lr-d", type=float, default=1e-3, help="Adam rate of D (default: 1e-3; official code: 1e-4)")
     a("--beta", type=float, default=1.0, help="weight of Eq. (3) in Eq. (2); 0: the no-D ablation (default: 1)")
-    a("--hidden", type=int, default=256, help="width of Q, the G_i and D (default: 256; official code: 512)")
-    a("--no-mixer", dest="mixer", action="store_false", help="ablation (Fig. 7): no Q, each z_i ~ N(0, I) alone")
+    a("--hidden", type=int, default=256, help="width of Q, the G_i and D (default: 256; official: 512, row 4)")
+    a("--no-mixer", dest="mixer", action="store_false", help="ablation (Fig. 7, row 29): no Q, each z_i ~ N(0, I)")
     a("--repulsion", type=float, default=0.0, help="beyond the paper: weight of `repulsion` in Eq. (2) (default: 0)")
     a("--eval-networks", type=int, default=300, help="networks sampled on the test set (default: 300)")
     a("--ood", default="", help="out-of-distribution sets, comma-separated: " + ", ".join(OOD_SETS))
@@ -127,7 +127,7 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)                                # of
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # official code
 
 def synthetic_split(shape, n, seed):
-    """Offline stand-in data: each image is its class's fixed smooth pattern, moved by up to 2 pixels, plus noise."""
+    """Offline stand-in data (row 31): each image is its class's fixed pattern, moved by up to 2 pixels, plus noise."""
     C, H, W = shape
     patterns = F.interpolate(torch.randn(10, C, H // 4, W // 4, generator=torch.Generator().manual_seed(0)),
                              size=(H, W), mode="bilinear")                       # the same classes in every split
@@ -153,7 +153,7 @@ def torchvision_split(name, root, train, download):
     return x.float().div(255), y
 
 def load_ood(name, cfg, data, held_out):
-    """OOD set `name`, normalised; notMNIST: <data-root>/notMNIST_small/<letter>/*.png (None if absent)."""
+    """OOD set `name`, normalised; notMNIST: <data-root>/notMNIST_small/<letter>/*.png (None if absent; row 25)."""
     shape = tuple(data["test"][0].shape[1:])
     need = dict(fashionmnist=(1, 28, 28), kmnist=(1, 28, 28), notmnist=(1, 28, 28), svhn=(3, 32, 32)).get(name, shape)
     home = {"mnist5-9": "mnist0-4", "cifar5-9": "cifar5"}.get(name, cfg.dataset)
@@ -185,7 +185,7 @@ def load_data(cfg, device):
         (x, y), (x_test, y_test) = [torchvision_split(base, cfg.data_root, train, cfg.download) for train in (1, 0)]
         (mean, std), val_size = (MNIST_MEAN, MNIST_STD) if base == "mnist" else (CIFAR_MEAN, CIFAR_STD), VAL_SIZE
     num_classes, held_out = 10, x_test[y_test >= 5]
-    if cfg.dataset in ("cifar5", "mnist0-4"):           # CIFAR-5: the first five classes (Table 2's caption)
+    if cfg.dataset in ("cifar5", "mnist0-4"):           # CIFAR-5: the first five classes (row 19)
         x, y, x_test, y_test, num_classes = x[y < 5], y[y < 5], x_test[y_test < 5], y_test[y_test < 5], 5
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))      # MNIST-5000: Deviation (row 11)
     val, train = order[:val_size], order[val_size:][:5000 if cfg.dataset == "mnist5000" else None]
@@ -224,7 +224,7 @@ def small_net(num_classes=10, p=0.0):
                          nn.Flatten(), nn.Linear(512, num_classes))
 
 def mednet(num_classes=10, p=0.0):
-    """CIFAR target of the paper's time (official V1 'mednet'): conv 16/32/32 3x3, each pooled; linear 128-64."""
+    """CIFAR target of the paper's time (official V1 'mednet', row 18): conv 16/32/32 3x3, each pooled; 128-64."""
     drop = [nn.Dropout(p)] if p else []
     return nn.Sequential(nn.Conv2d(3, 16, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,               # (B, 16, 15, 15)
                          nn.Conv2d(16, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,              # (B, 32, 6, 6)
@@ -317,11 +317,11 @@ def discriminator(hidden=256):
 # 5. The objective (PAPER.md 1.2). D returns logits l: log D = logsigmoid(l), log(1 - D) = logsigmoid(-l) =========
 def classification_loss(out, y):
     """Cross-entropy of every network on its own images, out: (K, b, classes), y: (K, b); and the accuracy."""
-    # Eq. (1): E_s E_(x, y) L(F(x; G(Q(s))), y), estimated on K networks x b images
+    # Eq. (1): E_s E_(x, y) L(F(x; G(Q(s))), y), estimated on K networks x b images (a mean: row 8)
     return F.cross_entropy(out.flatten(0, 1).float(), y.flatten()), (out.argmax(-1) == y).float().mean()
 
 def discriminator_loss(D, z, p):
-    """D minimises Eq. (3): D(prior) -> 1, D(codes) -> 0. z, p: (K, N, d); one D call (DDP: a forward a backward)."""
+    """D minimises Eq. (3) as written (row 1): D(prior) -> 1, D(codes) -> 0. z, p: (K, N, d); one D call (DDP)."""
     logit_p, logit_z = D(torch.cat([p, z])).squeeze(-1).chunk(2)                      # (K, N) each
     # Eq. (3): Dist = -sum_i [ log D(p_i) + log(1 - D(z_i)) ]
     return -(F.logsigmoid(logit_p) + F.logsigmoid(-logit_z)).sum(1).mean()
@@ -473,8 +473,8 @@ def disagreement(probs):
     return ((M * M - votes.pow(2).sum(-1)) / (M * (M - 1))).mean().item()
 
 def evaluate(model, net, x, y, n_networks, sizes=(1, 5, 10, 100), report=lambda done: None):
-    """Accuracy and NLL of ensembles (mean softmax) of each size m in `sizes`: the disjoint groups of m of the
-    n_networks sampled, so independent draws, with mean and std over the groups (None when n_networks < m)."""
+    """Accuracy and NLL of ensembles (mean softmax, row 12) of each size m in `sizes`: disjoint groups of m of the
+    n_networks sampled, so independent draws, with mean and std over the groups (row 13; None if n_networks < m)."""
     probs = sample_probs(model, net, x, n_networks, report=report)                # (n, images, classes)
     single = (probs.argmax(-1) == y).float().mean(1)                              # (n,)
     r = dict(single_mean=single.mean().item(), single_std=single.std().item() if n_networks > 1 else 0.0,
@@ -491,7 +491,7 @@ def evaluate(model, net, x, y, n_networks, sizes=(1, 5, 10, 100), report=lambda 
 
 @torch.no_grad()
 def diversity(model, net, x, n_networks=100, n_predicting=20):
-    """Fig. 7: std / mean over n_networks networks of the L2 norm of layer i's weight; ours: their disagreement."""
+    """Fig. 7: std / mean over n_networks networks of the L2 norm of layer i's weight; row 28: their disagreement."""
     was_training = model.training
     model.eval()
     theta = model.sample(min(n_networks, model.max_networks), torch.Generator(x.device).manual_seed(EVAL_SEED))
@@ -509,7 +509,7 @@ PAPER_TABLE2 = {  # HyperGAN's rows of the paper's Table 2 (PAPER.md 5.1), accur
 # 8. The baselines of Table 2, "Random Start" and "MC Dropout" =====================================================
 # Both expose HyperGAN's sample(n) -> theta, so the same train_step (D None: Eq. (1) alone) and evaluation serve.
 class StandardEnsemble(nn.Module):
-    """M independently initialised networks, each parameter a (M, *shape) stack; sample: members first.. first+n."""
+    """M independently initialised networks (row 20), each parameter a (M, *shape) stack; sample: first..first+n."""
     def __init__(self, net, members):
         super().__init__()
         self.max_networks, nets = members, [copy.deepcopy(net) for _ in range(members)]
@@ -522,7 +522,7 @@ class StandardEnsemble(nn.Module):
     forward = sample
 
 class MCDropout(nn.Module):
-    """One network with dropout on at test time (Gal & Ghahramani, 2016): a sampled network is a dropout mask."""
+    """One network with dropout on at test time (Gal & Ghahramani, 2016; row 21): a sampled network is a mask."""
     max_networks = math.inf
     def __init__(self, net):
         super().__init__()
@@ -588,7 +588,7 @@ def attack(net, networks_at_step, x, y, eps, steps, data, generator=None):
 
 def adversarial_evaluation(model, net, theta, data, cfg, report=lambda done: None):
     """FGSM, PGD, and PGD with new networks each step (on the distribution) against theta: accuracy under attack,
-    flipped answers, and detection by entropy of the flipped images among the clean correct ones (PAPER.md 5.4)."""
+    flipped answers, and detection by entropy of the flipped images among the clean correct ones (row 27)."""
     x, y = (t[:ADV_IMAGES] for t in data["test"])
     fresh_g, start_g = (torch.Generator(x.device).manual_seed(EVAL_SEED + i) for i in (1, 2))
     fresh = torch.no_grad()(lambda t: model.sample(len(theta[0][0]), fresh_g))    # new networks at every step
@@ -614,7 +614,7 @@ def adversarial_evaluation(model, net, theta, data, cfg, report=lambda done: Non
     return result
 
 def uncertainty_evaluation(model, net, data, cfg):
-    """OOD detection for every --ood set and, with --adversarial, the attacks: all with one ensemble."""
+    """OOD detection for every --ood set and, with --adversarial, the attacks: all with one ensemble (rows 22-24)."""
     x_test, out = data["test"][0], {}
     with torch.random.fork_rng(devices=[x_test.device] if x_test.is_cuda else []):
         torch.manual_seed(EVAL_SEED)                                               # MC dropout's masks
