@@ -34,7 +34,7 @@ def cli(*args, check=True):
 
 def one_line_error(r):
     """A failure as the user sees it: exit code 2, one `error:` line, no traceback."""
-    lines = r.stderr.strip().splitlines()
+    lines = (r.stderr if isinstance(r.stderr, str) else r.stderr.read()).strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     return lines[0]
 
@@ -447,6 +447,12 @@ def test_the_process_fails_with_one_line_and_no_traceback(tmp_path):
             str(tmp_path / "m"), check=False)
     msg = one_line_error(r)
     assert "could not load mnist" in msg and str(tmp_path) in msg
+    command = [sys.executable, os.path.join(HERE, "hypergan.py"), *TINY, "--out-dir", str(tmp_path)]
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    p.stdout.close()                                # the reader stops, as `| head -1` would
+    p.wait(timeout=300)
+    assert "error: the output closed" in one_line_error(p)
 
 
 @pytest.mark.parametrize("args, words", [
