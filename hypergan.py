@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 # 1. Configuration ===============================================================================
 # "Deviation (row N)": a departure from the paper or the official code; paper_notes.md, row N.
-S_DIM = 256              # size of the noise s (official V1 MNIST code)
-D_DIM = 128              # size of each layer code z_i (official V1 MNIST code)
+S_DIM = 256              # size of the noise s (official V1 MNIST code; CIFAR too: row 4)
+Z_DIM = 128              # d, the size of each code z_i (official V1 MNIST code)
 PRETRAIN_STEPS = 100     # steps of the mixer's pre-training (official: at most 100 on MNIST)
 VAL_SIZE = 5000          # training images held out to pick the best epoch (synthetic sets: 512)
 VAL_NETWORKS = 10        # networks sampled for the validation accuracy
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="", help="a new folder (default: runs/DATASET-METHOD)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto: cuda, then mps, then cpu")
-    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed of training")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed of training")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint, no training")
     p.add_argument("--checkpoint", default="", help="the checkpoint that --eval-only evaluates")
@@ -168,7 +168,7 @@ def parse_args(argv=None):
         raise UserError("--repulsion needs --method hypergan and a data set of images (not toy)")
     if cfg.export:
         count, folder = cfg.export
-        if not (count.isdigit() and 1 <= int(count) <= 10**4):
+        if not (count.isdecimal() and 1 <= int(count) <= 10**4):
             raise UserError(f"--export N PATH needs N from 1 to 10000 networks, got {count!r}")
         cfg.export = [int(count), folder]
     return cfg
@@ -255,10 +255,11 @@ def read_notmnist(root):
     images = []
     for path in sorted(glob.glob(os.path.join(root, "notMNIST_small", "*", "*"))):
         try:
-            gray = bytearray(Image.open(path).convert("L").tobytes())  # 28 x 28 bytes
-        except OSError:                        # the archive holds a few unreadable files
+            gray = bytearray(Image.open(path).convert("L").tobytes())
+            image = torch.frombuffer(gray, dtype=torch.uint8).view(1, 28, 28)
+        except (OSError, RuntimeError):       # the archive holds a few unreadable files
             continue
-        images.append(torch.frombuffer(gray, dtype=torch.uint8).view(1, 28, 28).float() / 255)
+        images.append(image.float() / 255)
     return torch.stack(images) if images else None
 
 def load_ood(name, cfg, shape, other_classes, n_test):
@@ -332,24 +333,24 @@ def augment_batch(x, black, shift, flip, generator=None):
     return x
 
 # 3. Target networks F(x; theta) (PAPER.md 3): plain nn.Sequential; functional_forward runs K =====
-def small_net(num_classes=10, p=0.0):
+def small_net(num_classes=10, dropout=0.0):
     """MNIST target (official); p > 0: MC dropout. Deviation (row 14, exact): pooling first."""
-    drop = [nn.Dropout(p)] if p else []
+    drop = [nn.Dropout(dropout)] if dropout else []
     return nn.Sequential(nn.Conv2d(1, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,
                          nn.Conv2d(32, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,
                          nn.Flatten(), nn.Linear(512, num_classes))   # (B, 32, 4, 4) -> (B, 512)
 
-def mednet(num_classes=10, p=0.0):
+def mednet(num_classes=10, dropout=0.0):
     """CIFAR target of the paper's time (official V1 'mednet', row 18): conv 16/32/32, 128-64."""
-    drop = [nn.Dropout(p)] if p else []
+    drop = [nn.Dropout(dropout)] if dropout else []
     return nn.Sequential(nn.Conv2d(3, 16, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 16, 15, 15)
                          nn.Conv2d(16, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 32, 6, 6)
                          nn.Conv2d(32, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 32, 2, 2)
                          nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), *drop,
                          nn.Linear(64, num_classes))
 
-def toy_net(num_classes=1, p=0.0):                 # the 1D toy's target (official V1)
-    drop = [nn.Dropout(p)] if p else []
+def toy_net(num_classes=1, dropout=0.0):                 # the 1D toy's target (official V1)
+    drop = [nn.Dropout(dropout)] if dropout else []
     return nn.Sequential(nn.Linear(1, 200), nn.ELU(), *drop, nn.Linear(200, 1))
 
 TARGETS = {"small": small_net, "mednet": mednet, "toy": toy_net}
@@ -359,9 +360,9 @@ def param_layers(net):
     return [layer for layer in net if isinstance(layer, (nn.Conv2d, nn.Linear))]
 
 # theta, the parameters of K networks: [(weight (K, *shape), bias (K, out)) for each layer]. Each
-# method of Table 2 here (HyperGAN, standard ensemble, MC dropout) is an nn.Module with forward(..),
-# the theta a training step trains, and sample(n), theta of n networks to evaluate, any noise from
-# torch's global generator (`seeded` seeds it); the standard ensemble gives at most its members.
+# method of Table 2 here (HyperGAN, standard ensemble, MC dropout) is an nn.Module with sample(n),
+# theta of n networks to evaluate, any noise from torch's global generator (`seeded` seeds it);
+# the standard ensemble gives at most its members. A baseline's forward(K): the K a step trains.
 def functional_forward(net, theta, x):
     """F(x; theta) for K networks at once. x: (K, B, C, H, W), network k on its images x[k], or
     (B, C, H, W) shared by all; returns (K, B, outputs); dropout stays on (MC dropout). The K
@@ -423,9 +424,8 @@ def hidden_layers(sizes, activation, batchnorm=True):
     return layers
 
 class ScaledLinear(nn.Linear):
-    """G_i's output layer, Deviation (row 3): theta_i = bias + scale * (W h), with scale =
-    1/sqrt(fan_in) of target layer i. The bias starts as that layer's default init (the mean
-    network), W at init_spread x its own: networks start init_spread x scale from the mean."""
+    """G_i's output layer, Deviation (row 3): theta_i = bias + scale * (W h), scale = 1/sqrt(fan_in)
+    of layer i; bias starts as layer i's init (the mean network), W at init_spread x its own."""
     def __init__(self, n_in, n_out, scale):
         super().__init__(n_in, n_out)
         self.scale = scale
@@ -437,7 +437,7 @@ class HyperGAN(nn.Module):
     """The mixer Q and the generators G_i of Fig. 1, for the target network `net` (initialised).
     Q: s (K, S_DIM) -> z (K, N * d), Linear-BN-ReLU x 2, Linear (official code; Deviation
     (row 15): no N(0, 0.01^2) noise added to s). G_i: z_i (K, d) -> theta_i, Linear-BN-ELU x 2,
-    ScaledLinear (official MNIST code). Deviation (row 2): G_i gives layer i's bias too (2019)."""
+    ScaledLinear (2019 code). Deviation (row 2): G_i gives layer i's bias too (2019 code)."""
     def __init__(self, net, hidden=256, init_spread=0.1, mixer=True):
         super().__init__()
         layers = param_layers(net)
@@ -446,15 +446,15 @@ class HyperGAN(nn.Module):
         if mixer:
             self.s_dim = S_DIM
             self.Q = nn.Sequential(*hidden_layers([S_DIM, hidden, hidden], nn.ReLU),
-                                   nn.Linear(hidden, N * D_DIM))
+                                   nn.Linear(hidden, N * Z_DIM))
         else:                        # the ablation (Fig. 7, row 29): s, of size N * d, is the codes
-            self.s_dim = N * D_DIM
+            self.s_dim = N * Z_DIM
             self.Q = nn.Identity()
         self.G = nn.ModuleList()
         for layer in layers:
             n_out = layer.weight.numel() + layer.bias.numel()
             scale = 1 / math.sqrt(layer.weight[0].numel())              # 1 / sqrt(fan_in)
-            G_i = nn.Sequential(*hidden_layers([D_DIM, hidden, hidden], nn.ELU),
+            G_i = nn.Sequential(*hidden_layers([Z_DIM, hidden, hidden], nn.ELU),
                                 ScaledLinear(hidden, n_out, scale))
             with torch.no_grad():
                 G_i[-1].bias.copy_(torch.cat([layer.weight.flatten(), layer.bias]))
@@ -465,7 +465,7 @@ class HyperGAN(nn.Module):
         return torch.randn(K, self.s_dim, device=self.G[0][0].weight.device)   # s ~ N(0, I)
 
     def codes(self, s):
-        return self.Q(s).view(len(s), len(self.G), D_DIM)              # z = Q(s): (K, N, d)
+        return self.Q(s).view(len(s), len(self.G), Z_DIM)              # z = Q(s): (K, N, d)
 
     def generate(self, z):
         """theta_i = G_i(z_i) for each layer i: [(weight (K, *shape), bias (K, out)), ...]."""
@@ -476,18 +476,13 @@ class HyperGAN(nn.Module):
             theta.append((weight.view(-1, *w_shape), bias))            # (K, *shape), (K, out)
         return theta
 
-    def forward(self, s):
-        """For a training step: the codes z (K, N, d) and theta, from the noise s (K, s_dim)."""
-        z = self.codes(s)
-        return z, self.generate(z)
-
     @torch.no_grad()
     def sample(self, n):
         return self.generate(self.codes(self.sample_s(n)))              # n new networks
 
 def discriminator(hidden=256):
     """D: a code z_i or a prior sample p_i (.., d) -> a logit l, D(.) = sigmoid(l); one for all."""
-    return nn.Sequential(*hidden_layers([D_DIM, hidden, hidden], nn.ReLU, batchnorm=False),
+    return nn.Sequential(*hidden_layers([Z_DIM, hidden, hidden], nn.ReLU, batchnorm=False),
                          nn.Linear(hidden, 1))
 
 # 5. The objective (PAPER.md 1.2). D's logit l: log D = logsigmoid(l), log(1 - D) = logsigmoid(-l)
@@ -518,7 +513,7 @@ def pretrain_mixer(model, steps=PRETRAIN_STEPS, batch=1000):
     """Before training (official README: on), fit Q so that each code z_i has mean 0 and covariance
     I on a batch. Deviation (row 16): those exact moments, not a sampled batch's."""
     optimizer = torch.optim.Adam(model.Q.parameters(), lr=1e-3)
-    eye = torch.eye(D_DIM, device=model.G[0][0].weight.device)
+    eye = torch.eye(Z_DIM, device=model.G[0][0].weight.device)
     for _ in range(steps):
         z = model.codes(model.sample_s(batch)).transpose(0, 1)          # (N, batch, d)
         mean = z.mean(1)                                                # (N, d)
@@ -570,7 +565,9 @@ def hypergan_step(model, D, net, opt, x, y, beta, task_loss=classification_loss,
     """One step of HyperGAN: D on Eq. (3), then Q and the G_i on Eq. (2), 1:1 (official code).
     x: (K, b, C, H, W), network k on its own images x[k]; y: (K, b). Returns STATS, a tensor."""
     with mixed_precision(x):
-        z, theta = model(model.sample_s(len(x)))    # s ~ N(0, I); z = Q(s); theta_i = G_i(z_i)
+        s = model.sample_s(len(x))                  # s ~ N(0, I): (K, s_dim)
+        z = model.codes(s)                          # z = Q(s): (K, N, d)
+        theta = model.generate(z)                   # theta_i = G_i(z_i)
     z = z.float()
 
     # D step: min over D of Eq. (3), Dist = -sum_i [log D(p_i) + log(1 - D(z_i))]; z held fixed
@@ -642,12 +639,12 @@ def train(cfg, model, D, net, data, opt, state):
     for epoch in range(state.epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         model.train()
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)   # --resume: the same epoch
-        order = torch.stack([torch.randperm(len(x_train), generator=g) for _ in range(orders)])
+        rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)   # resume: the same epoch
+        order = torch.stack([torch.randperm(len(x_train), generator=rng) for _ in range(orders)])
         order = order.to(x_train.device)                                # (orders, n)
         sums, n_sum, log_start = 0, 0, time.perf_counter()
         for i in range(steps):
-            idx = order[:, i * per_order:(i + 1) * per_order].reshape(K, b)   # network k: idx[k]
+            idx = order[:, i * per_order:(i + 1) * per_order].reshape(K, b)   # k: idx[k] (row 5)
             x = x_train[idx.flatten()]                                   # (K * b, C, H, W)
             if cfg.shift:
                 x = augment_batch(x, data.black, cfg.shift, data.flip)
@@ -685,9 +682,9 @@ def end_of_epoch(cfg, model, D, net, data, opt, state, train_stats, epoch_start)
                               val_single_mean=val["single_mean"], diversity=div))
     improved = val["single_mean"] > state.best_val
     state.best_val = max(state.best_val, val["single_mean"])
-    save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), cfg, model, D, opt, state)
-    if improved:
+    if improved:                     # first: a checkpoint.pt never counts a best.pt not written
         save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), cfg, model, D, opt, state)
+    save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), cfg, model, D, opt, state)
     accuracy = f"{100 * val['single_mean']:.2f} ± {100 * val['single_std']:.2f} % (one network)"
     print(f"epoch {state.epoch}: validation {accuracy}; weight-norm RSD "
           f"{div['weight_norm_rsd_mean']:.4f}; test disagreement {100 * div['disagreement']:.2f} %"
@@ -708,7 +705,8 @@ def predict(net, theta, x, report=None):
     networks, images = (10, 50) if x.device.type == "cpu" else (100, 500)
     out = []
     for first in range(0, len(theta[0][0]), networks):
-        chunk = [(w[first:first + networks], b[first:first + networks]) for w, b in theta]
+        chunk = [(weight[first:first + networks], bias[first:first + networks])
+                 for weight, bias in theta]
         probs = [functional_forward(net, chunk, x[i:i + images]).float().softmax(-1)
                  for i in range(0, len(x), images)]
         out.append(torch.cat(probs, dim=1))                        # (networks, len(x), classes)
@@ -809,8 +807,8 @@ class MCDropout(nn.Module):
 
 def build(cfg, arch, num_classes, device):
     """(target network, the distribution over its parameters that the run trains, D or None)."""
-    p = DROPOUT if cfg.method == "dropout" else 0.0
-    net = TARGETS[arch](num_classes, p).to(device)
+    dropout = DROPOUT if cfg.method == "dropout" else 0.0
+    net = TARGETS[arch](num_classes, dropout).to(device)
     if cfg.method == "dropout":
         return net, MCDropout(net), None
     if cfg.method == "ensemble":
@@ -945,7 +943,7 @@ def uncertainty_evaluation(cfg, model, net, data):
 
 # 10. The 1D toy (PAPER.md 5.5): networks fit to 20 points agree on them, spread apart elsewhere
 def run_toy(cfg, device):
-    """Fit y = x^3 + N(0, 3^2) at 20 points in [-4, 4] (official V1); 100 networks on [-6, 6]."""
+    """Fit y = x^3 + N(0, 3^2) at 20 points in [-4, 4] (official V1; Deviation (row 30): with D)."""
     g = torch.Generator().manual_seed(1)
     x = torch.cat([torch.rand(18, generator=g) * 8 - 4, torch.tensor([-4.0, 4.0])])
     y = x.pow(3) + 3 * torch.randn(20, generator=g)
@@ -1242,7 +1240,9 @@ def peak_memory_mb(device):
     """The GPU allocator's peak, or the process's peak resident memory (Linux: KiB, macOS: B)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource                                      # Unix only, so imported here
+    if sys.platform == "win32":                          # no `resource` module there
+        return None
+    import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 

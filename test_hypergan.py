@@ -97,7 +97,8 @@ def test_generated_shapes_and_batched_forward_equal_nn_module(arch):
 
 def test_gradients_reach_mixer_and_every_generator():
     net, model, _, shape = make("small")
-    z, theta = model(model.sample_s(4))
+    z = model.codes(model.sample_s(4))
+    theta = model.generate(z)
     out = H.functional_forward(net, theta, torch.randn(4, 2, *shape))
     ce = F.cross_entropy(out.flatten(0, 1), torch.randint(10, (8,)))
     (ce - H.code_distance(H.discriminator(32), z)).backward()
@@ -226,6 +227,8 @@ def test_evaluation_in_chunks_equals_one_forward_and_repeats_its_networks():
     x = torch.randn(60, *shape)                         # in chunks of 10 networks x 50 images
     probs = H.sample_probs(model, net, x, 12)
     assert model.training                               # evaluation hands training mode back
+    alone = H.sample_probs(model, net, x, 1)            # row 9: a network does not depend on the
+    torch.testing.assert_close(alone[0], probs[0], rtol=1e-4, atol=1e-6)   # others sampled with it
     with H.seeded(H.EVAL_SEED, x.device), H.evaluation_mode(model):
         theta = model.sample(12)
     expected = H.functional_forward(net, theta, x).softmax(-1)
@@ -326,15 +329,15 @@ def test_baselines_sample_their_members_and_masks():
     assert all((w[i] - w[j]).abs().mean() > 0.5 * w.abs().mean() for i, j in ((0, 1), (1, 2)))
     assert torch.equal(template[0].weight, before)          # independently initialised copies
     assert torch.equal(ensemble.sample(10)[0][0], w)         # at most its members, in order
-    net = H.small_net(10, p=0.5)
+    net = H.small_net(10, dropout=0.5)
     dropout, x = H.MCDropout(net), torch.randn(6, 1, 28, 28)
     a = H.sample_probs(dropout, net, x, 4)
     assert (a[0] - a[1]).abs().max() > 1e-3                 # two masks, two predictions
     torch.testing.assert_close(H.sample_probs(dropout, net, x, 4), a)   # the seed repeats them
     model = H.HyperGAN(H.small_net(10), hidden=32, mixer=False)
-    assert isinstance(model.Q, nn.Identity) and model.s_dim == 3 * H.D_DIM
+    assert isinstance(model.Q, nn.Identity) and model.s_dim == 3 * H.Z_DIM
     s = model.sample_s(5)
-    torch.testing.assert_close(model.codes(s), s.view(5, 3, H.D_DIM))    # z_i: slice i of s
+    torch.testing.assert_close(model.codes(s), s.view(5, 3, H.Z_DIM))    # z_i: slice i of s
 
 
 # ----- the command line, end to end -------------------------------------------------------------
@@ -431,12 +434,12 @@ def test_baselines_ablations_and_cifar_train_evaluate_and_export(tmp_path, capsy
 
 
 def test_toy_fits_the_points_and_spreads_outside_them(tmp_path, capsys):
-    res, _ = run(capsys, "--dataset", "toy", "--epochs", "400", "--out-dir", tmp_path)
+    res, _ = run(capsys, "--dataset", "toy", "--epochs", "800", "--out-dir", tmp_path)
     toy = res["toy"]
     assert toy["spread_outside"] > 2 * toy["spread_inside"], toy
     # the targets vary by about 1,600 (std 40) around their mean; the networks' mean should
-    # leave a residual of the order of the noise (variance 9)
-    assert toy["train_mse"] < 30, toy["train_mse"]
+    # leave a residual of the order of the noise: within twice its variance, 9
+    assert toy["train_mse"] < 2 * 9, toy["train_mse"]
     assert (tmp_path / "toy.png").stat().st_size > 10_000
 
 
