@@ -579,7 +579,7 @@ def hypergan_step(model, D, net, opt, x, y, beta, task_loss=classification_loss,
     with mixed_precision(x):
         out = functional_forward(net, theta, x)     # (K, b, classes)
     ce, accuracy = task_loss(out, y)                # Eq. (1)
-    D.requires_grad_(False)
+    D.requires_grad_(False)                         # no gradient reaches D's weights
     dist_z = code_distance(D, z)
     D.requires_grad_(True)
     loss = ce - beta * dist_z                       # Eq. (2)
@@ -594,11 +594,11 @@ def hypergan_step(model, D, net, opt, x, y, beta, task_loss=classification_loss,
         D_z = torch.sigmoid(D(z)).mean()
     return torch.stack([ce.detach(), d_loss.detach(), -dist_z.detach(), D_p, D_z, accuracy])
 
-def likelihood_step(model, net, opt, x, y, task_loss=classification_loss):
+def likelihood_step(model, net, opt, x, y):
     """One step of Eq. (1) alone, for the baselines: the K members, or one network under masks."""
     with mixed_precision(x):
         out = functional_forward(net, model(len(x)), x)     # (K, b, classes)
-    loss, accuracy = task_loss(out, y)
+    loss, accuracy = classification_loss(out, y)            # Eq. (1)
     descend(opt.g, loss)
     return torch.stack([loss.detach(), accuracy])           # LIKELIHOOD_STATS
 
