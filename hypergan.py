@@ -56,21 +56,23 @@ UQ_NETWORKS = 10         # the ensemble that scores OOD inputs and adversarial e
 ADV_IMAGES = 1000        # test images attacked
 PGD_STEPS = 10           # iterations of PGD
 EPSILONS = (0.01, 0.03, 0.08, 0.1, 0.3)   # attack sizes, L-inf in [0, 1] pixel units
-CHECKPOINT_FORMAT = 4
+CHECKPOINT_FORMAT = 5       # 5: the 2019 CIFAR net, and lr_spread's own group of Adam
 
 # What differs between data sets (--help prints it): networks_per_step is K (row 6),
 # images_per_network is b (row 5), shift moves a training image by up to that many pixels (MNIST:
-# row 17; CIFAR: the official crop, and a flip), init_spread sets the first networks apart (row 3).
-BASE_RECIPE = dict(networks_per_step=16, images_per_network=8, init_spread=0.1)
+# row 17; CIFAR: the official crop, and a flip), init_spread sets the first networks apart (row 3),
+# lr_spread is the rate of the weights that keep them apart, a fraction of --lr (row 7).
+BASE_RECIPE = dict(networks_per_step=16, images_per_network=8, init_spread=0.1, lr_spread=1.0)
 RECIPES = {
     "mnist": dict(BASE_RECIPE, epochs=20, shift=2),
     "mnist5000": dict(BASE_RECIPE, epochs=60, shift=2),
     "mnist0-4": dict(BASE_RECIPE, epochs=20, shift=2),
-    "cifar10": dict(BASE_RECIPE, epochs=60, shift=4),
-    "cifar5": dict(BASE_RECIPE, epochs=60, shift=4),
+    "cifar10": dict(BASE_RECIPE, epochs=30, shift=4, lr_spread=0.1),
+    "cifar5": dict(BASE_RECIPE, epochs=30, shift=4, lr_spread=0.1),
     "synthetic-mnist": dict(BASE_RECIPE, epochs=3, shift=2, networks_per_step=8),
     "synthetic-cifar10": dict(BASE_RECIPE, epochs=3, shift=4, networks_per_step=8),
-    "toy": dict(epochs=2000, networks_per_step=32, images_per_network=20, shift=0, init_spread=1.0),
+    "toy": dict(BASE_RECIPE, epochs=2000, networks_per_step=32, images_per_network=20, shift=0,
+                init_spread=1.0),
 }
 METHOD_RECIPES = {
     "ensemble": dict(networks_per_step=10, images_per_network=32),   # 10 members, 32 images each
@@ -97,18 +99,17 @@ def number(kind, low, high):
         return value
     return parse
 
-def recipe_help(key):
-    """' (default: 20 for mnist, ...)': what each recipe gives the option `key`."""
-    by_dataset = ", ".join(f"{recipe[key]} for {name}" for name, recipe in RECIPES.items())
-    by_method = [f"; {r[key]} for --method {m}" for m, r in METHOD_RECIPES.items() if key in r]
-    return f" (default: {by_dataset}{''.join(by_method)})"
-
-def given_or(value, default):
-    return default if value is None else value
+def recipes_help():
+    """The end of --help: what each recipe sets, for the options not given."""
+    lines = ["recipes (the defaults of the options they name; a --method's win):"]
+    for name, recipe in {**RECIPES, **METHOD_RECIPES}.items():
+        lines.append(f"  {name}: " + ", ".join(f"{key} {value}" for key, value in recipe.items()))
+    return "\n".join(lines)
 
 def parse_args(argv=None):
     """The options, with the data set's recipe filled in; every check that needs no file."""
-    p = ArgumentParser(description="HyperGAN (Ratzlaff & Fuxin, ICML 2019): train, evaluate")
+    p = ArgumentParser(description="HyperGAN (Ratzlaff & Fuxin, ICML 2019): train, evaluate",
+                       epilog=recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist", choices=list(RECIPES),
                    help="mnist0-4: for --ood mnist5-9; synthetic-*: offline stand-ins")
     p.add_argument("--method", default="hypergan", choices=["hypergan", *METHOD_RECIPES],
@@ -126,18 +127,17 @@ def parse_args(argv=None):
                    help="write N sampled networks as state_dicts into folder PATH")
     p.add_argument("--synthetic-size", type=number(int, 64, 10**6), default=4096,
                    help="training images of the synthetic sets (default: 4096)")
-    p.add_argument("--epochs", type=number(int, 1, 10**6),
-                   help="passes over the training set" + recipe_help("epochs"))
+    # the recipe's options (defaults: the recipes at the end of --help)
+    p.add_argument("--epochs", type=number(int, 1, 10**6), help="passes over the training set")
     p.add_argument("--networks-per-step", type=number(int, 2, 4096),   # Q and G use BatchNorm
-                   help="K, networks sampled a step" + recipe_help("networks_per_step"))
+                   help="K, networks sampled a step")
     p.add_argument("--images-per-network", type=number(int, 1, 4096),
-                   help="b, images a network sees a step" + recipe_help("images_per_network"))
-    p.add_argument("--shift", type=number(int, 0, 8),
-                   help="pixels an image moves (CIFAR: and flips)" + recipe_help("shift"))
-    p.add_argument("--init-spread", type=number(float, 0, 1e3),
-                   help="initial spread (row 3)" + recipe_help("init_spread"))
+                   help="b, images a network sees a step")
+    p.add_argument("--shift", type=number(int, 0, 8), help="pixels an image moves (CIFAR: flips)")
+    p.add_argument("--init-spread", type=number(float, 0, 1e3), help="initial spread (row 3)")
     p.add_argument("--lr", type=number(float, 1e-12, 1), default=1e-3,
                    help="Adam rate of Q and the G_i, cosine-decayed to 0 (default: 1e-3)")
+    p.add_argument("--lr-spread", type=number(float, 0, 1e3), help="W of G_i's last layer: --lr x")
     p.add_argument("--lr-d", type=number(float, 1e-12, 1), default=1e-3,
                    help="Adam rate of D (default: 1e-3; official code: 1e-4)")
     p.add_argument("--beta", type=number(float, 0, 1e4), default=1.0,
@@ -154,11 +154,9 @@ def parse_args(argv=None):
     p.add_argument("--no-figures", dest="figures", action="store_false", help="draw no figures")
     cfg = p.parse_args(argv)
     recipe = {**RECIPES[cfg.dataset], **METHOD_RECIPES.get(cfg.method, {})}
-    cfg.epochs = given_or(cfg.epochs, recipe["epochs"])
-    cfg.networks_per_step = given_or(cfg.networks_per_step, recipe["networks_per_step"])
-    cfg.images_per_network = given_or(cfg.images_per_network, recipe["images_per_network"])
-    cfg.shift = given_or(cfg.shift, recipe["shift"])
-    cfg.init_spread = given_or(cfg.init_spread, recipe["init_spread"])
+    for key, value in recipe.items():             # an option not given takes the recipe's value
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.dataset}-{cfg.method}"
     cfg.ood = [name for name in cfg.ood.split(",") if name]
     for name in cfg.ood:
@@ -196,10 +194,8 @@ def seeded(seed, device):
         yield
 
 # 2. Data: each split one tensor on the device; batches by indexing; augmentation in batch ====
-MNIST_MEAN = (0.1307,)                     # official code
-MNIST_STD = (0.3081,)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)      # official code
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
+MEAN_STD = dict(mnist=((0.1307,), (0.3081,)),                         # official code, both
+                cifar10=((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)))
 
 class Split(NamedTuple):
     x: torch.Tensor        # normalised images (n, C, H, W)
@@ -289,7 +285,7 @@ def load_data(cfg, device):
         base = "mnist" if cfg.dataset.startswith("mnist") else "cifar10"
         x, y = torchvision_split(base, cfg.data_root, True, cfg.download)
         x_test, y_test = torchvision_split(base, cfg.data_root, False, cfg.download)
-        mean, std = (MNIST_MEAN, MNIST_STD) if base == "mnist" else (CIFAR_MEAN, CIFAR_STD)
+        mean, std = MEAN_STD[base]
         val_size = VAL_SIZE
     other_classes = x_test[y_test >= 5]
     num_classes = 10
@@ -341,13 +337,13 @@ def small_net(num_classes=10, dropout=0.0):
                          nn.Flatten(), nn.Linear(512, num_classes))   # (B, 32, 4, 4) -> (B, 512)
 
 def mednet(num_classes=10, dropout=0.0):
-    """CIFAR target of the paper's time (official V1 'mednet', row 18): conv 16/32/32, 128-64."""
+    """CIFAR target (official 2019 'mednet', row 18): conv 32/64/64, 256-128; V1 had 16/32/32."""
     drop = [nn.Dropout(dropout)] if dropout else []
-    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 16, 15, 15)
-                         nn.Conv2d(16, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 32, 6, 6)
-                         nn.Conv2d(32, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 32, 2, 2)
-                         nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), *drop,
-                         nn.Linear(64, num_classes))
+    return nn.Sequential(nn.Conv2d(3, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 32, 15, 15)
+                         nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 64, 6, 6)
+                         nn.Conv2d(64, 64, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 64, 2, 2)
+                         nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), *drop,
+                         nn.Linear(128, num_classes))
 
 def toy_net(num_classes=1, dropout=0.0):                 # the 1D toy's target (official V1)
     drop = [nn.Dropout(dropout)] if dropout else []
@@ -362,7 +358,7 @@ def param_layers(net):
 # theta, the parameters of K networks: [(weight (K, *shape), bias (K, out)) for each layer]. Each
 # method of Table 2 here (HyperGAN, standard ensemble, MC dropout) is an nn.Module with sample(n),
 # theta of n networks to evaluate, any noise from torch's global generator (`seeded` seeds it);
-# the standard ensemble gives at most its members. A baseline's forward(K): the K a step trains.
+# the standard ensemble gives at most its members. A baseline's sample(K) is what a step trains.
 def functional_forward(net, theta, x):
     """F(x; theta) for K networks at once. x: (K, B, C, H, W), network k on its images x[k], or
     (B, C, H, W) shared by all; returns (K, B, outputs); dropout stays on (MC dropout). The K
@@ -417,18 +413,19 @@ def hidden_layers(sizes, activation, batchnorm=True):
     """Linear, BatchNorm (optional) and the activation, for each consecutive pair of sizes."""
     layers = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layers.append(nn.Linear(n_in, n_out))
-        if batchnorm:
-            layers.append(nn.BatchNorm1d(n_out))
-        layers.append(activation())
+        norm = [nn.BatchNorm1d(n_out)] if batchnorm else []
+        layers += [nn.Linear(n_in, n_out), *norm, activation()]
     return layers
 
 class ScaledLinear(nn.Linear):
     """G_i's output layer, Deviation (row 3): theta_i = bias + scale * (W h), scale = 1/sqrt(fan_in)
     of layer i; bias starts as layer i's init (the mean network), W at init_spread x its own."""
-    def __init__(self, n_in, n_out, scale):
-        super().__init__(n_in, n_out)
-        self.scale = scale
+    def __init__(self, n_in, layer, init_spread):
+        super().__init__(n_in, layer.weight.numel() + layer.bias.numel())
+        self.scale = 1 / math.sqrt(layer.weight[0].numel())                # 1 / sqrt(fan_in)
+        with torch.no_grad():
+            self.bias.copy_(torch.cat([layer.weight.flatten(), layer.bias]))
+            self.weight.mul_(init_spread)
 
     def forward(self, h):
         return F.linear(h, self.weight) * self.scale + self.bias
@@ -443,22 +440,15 @@ class HyperGAN(nn.Module):
         layers = param_layers(net)
         self.shapes = [(layer.weight.shape, layer.bias.shape) for layer in layers]
         N = len(layers)
+        self.s_dim = S_DIM if mixer else N * Z_DIM   # no mixer (Fig. 7, row 29): s is the codes
+        self.Q = nn.Identity()
         if mixer:
-            self.s_dim = S_DIM
             self.Q = nn.Sequential(*hidden_layers([S_DIM, hidden, hidden], nn.ReLU),
                                    nn.Linear(hidden, N * Z_DIM))
-        else:                        # the ablation (Fig. 7, row 29): s, of size N * d, is the codes
-            self.s_dim = N * Z_DIM
-            self.Q = nn.Identity()
         self.G = nn.ModuleList()
         for layer in layers:
-            n_out = layer.weight.numel() + layer.bias.numel()
-            scale = 1 / math.sqrt(layer.weight[0].numel())              # 1 / sqrt(fan_in)
             G_i = nn.Sequential(*hidden_layers([Z_DIM, hidden, hidden], nn.ELU),
-                                ScaledLinear(hidden, n_out, scale))
-            with torch.no_grad():
-                G_i[-1].bias.copy_(torch.cat([layer.weight.flatten(), layer.bias]))
-                G_i[-1].weight.mul_(init_spread)
+                                ScaledLinear(hidden, layer, init_spread))
             self.G.append(G_i)
 
     def sample_s(self, K):
@@ -597,7 +587,7 @@ def hypergan_step(model, D, net, opt, x, y, beta, task_loss=classification_loss,
 def likelihood_step(model, net, opt, x, y):
     """One step of Eq. (1) alone, for the baselines: the K members, or one network under masks."""
     with mixed_precision(x):
-        out = functional_forward(net, model(len(x)), x)     # (K, b, classes)
+        out = functional_forward(net, model.sample(len(x)), x)     # (K, b, classes)
     loss, accuracy = classification_loss(out, y)            # Eq. (1)
     descend(opt.g, loss)
     return torch.stack([loss.detach(), accuracy])           # LIKELIHOOD_STATS
@@ -605,9 +595,14 @@ def likelihood_step(model, net, opt, x, y):
 def make_optimizers(model, D, cfg, total_steps):
     """Adam for Q and the G_i (or a baseline's networks), and for D. Deviation (row 7): official
     V1 has betas (0.5, 0.9), Q 5e-4, G 1e-4, D 1e-4, constant; ours are (0.9, 0.999) at --lr,
-    cosine-decayed to 0, and for D (0.5, 0.999) at --lr-d, constant."""
+    cosine-decayed to 0, and for D (0.5, 0.999) at --lr-d, constant. W of G_i's last layer, which
+    sets the networks apart (theta_i = bias + scale W h), at lr_spread x --lr: Adam moves each of
+    its `hidden` columns as far as the bias, so theta moves many times as far (paper_notes)."""
+    spread = [G_i[-1].weight for G_i in model.G] if isinstance(model, HyperGAN) else []
+    rest = [p for p in model.parameters() if all(p is not w for w in spread)]
+    groups = [dict(params=rest), dict(params=spread, lr=cfg.lr * cfg.lr_spread)]
     # Speed: fused=True makes Adam's update one kernel a step (plain: leave it out)
-    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+    opt_g = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
     opt_d = None
     if D is not None:
         opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True)
@@ -678,8 +673,9 @@ def end_of_epoch(cfg, model, D, net, data, opt, state, train_stats, epoch_start)
     val = evaluate(sample_probs(model, net, data.val.x, VAL_NETWORKS), data.val.y, sizes=())
     state.seconds += time.perf_counter() - epoch_start                 # training and validation
     div = diversity(model, net, data.test.x[:1000])                     # observes, chooses nothing
+    warning = not_learning(val["single_mean"], data.num_classes, state.epoch)
     state.history.append(dict(epoch=state.epoch, train=train_stats, seconds=state.seconds,
-                              val_single_mean=val["single_mean"], diversity=div))
+                              val_single_mean=val["single_mean"], diversity=div, warning=warning))
     improved = val["single_mean"] > state.best_val
     state.best_val = max(state.best_val, val["single_mean"])
     if improved:                     # first: a checkpoint.pt never counts a best.pt not written
@@ -689,6 +685,15 @@ def end_of_epoch(cfg, model, D, net, data, opt, state, train_stats, epoch_start)
     print(f"epoch {state.epoch}: validation {accuracy}; weight-norm RSD "
           f"{div['weight_norm_rsd_mean']:.4f}; test disagreement {100 * div['disagreement']:.2f} %"
           + "  -> best.pt" * improved, flush=True)
+    if warning:
+        print(f"warning: {warning}", flush=True)
+
+def not_learning(accuracy, num_classes, epoch):
+    """A warning if the validation accuracy is within 2 points of chance from epoch 2, else None."""
+    if epoch >= 2 and accuracy <= 1 / num_classes + 0.02:
+        return (f"validation accuracy {100 * accuracy:.1f} % is within 2 points of chance: not "
+                "learning; likely causes: D overpowers Eq. (1) (lower --lr-d or --beta), the "
+                "width (--hidden), --lr or --lr-spread")
 
 # 7. Evaluation: Table 2 (accuracy of 1, 5, 10, 100 networks) and Fig. 7 (diversity) ============
 @contextlib.contextmanager
@@ -718,8 +723,7 @@ def predict(net, theta, x, report=None):
 def sample_probs(model, net, x, n_networks, report=None):
     """Softmax outputs (n, len(x), classes) of n networks sampled from `model` with EVAL_SEED."""
     with seeded(EVAL_SEED, x.device), evaluation_mode(model):
-        theta = model.sample(n_networks)
-        return predict(net, theta, x, report)
+        return predict(net, model.sample(n_networks), x, report)
 
 def disagreement(probs):
     """The share of network pairs that disagree: with c_j of M voting j, (M^2 - sum c_j^2) / 2 of
@@ -730,13 +734,14 @@ def disagreement(probs):
 
 def evaluate(probs, y, sizes=(1, 5, 10, 100)):
     """Table 2 from the softmax outputs probs (n, images, classes) of n networks: the accuracy of
-    one network (mean, std over the n), and accuracy and NLL of ensembles (mean softmax, row 12)
-    of each size m in `sizes` over disjoint groups of m: independent draws, with mean and std
-    over the groups (row 13; None where n < m)."""
+    one network (mean, std over the n), and accuracy, NLL and ECE of ensembles (mean softmax,
+    row 12) of each size m in `sizes` over disjoint groups of m: independent draws, with mean and
+    std over the groups (row 13; None where n < m)."""
     n = len(probs)
     single = (probs.argmax(-1) == y).float().mean(1)                       # (n,)
     r = dict(single_mean=single.mean().item(), single_std=0.0, disagreement=None,
-             ensemble=dict.fromkeys(map(str, sizes)), nll=dict.fromkeys(map(str, sizes)))
+             ensemble=dict.fromkeys(map(str, sizes)), nll=dict.fromkeys(map(str, sizes)),
+             ece=dict.fromkeys(map(str, sizes)))
     if n > 1:
         r["single_std"] = single.std().item()
         r["disagreement"] = disagreement(probs[:100])
@@ -750,7 +755,17 @@ def evaluate(probs, y, sizes=(1, 5, 10, 100)):
         r["ensemble"][str(m)] = dict(mean=accuracy.mean().item(), std=std, draws=groups)
         log_p = p.clamp_min(1e-12).log().flatten(0, 1)                     # (groups * images, C)
         r["nll"][str(m)] = F.nll_loss(log_p, y.repeat(groups)).item()
+        r["ece"][str(m)] = calibration_error(p, y).mean().item()
     return r
+
+def calibration_error(p, y, bins=15):
+    """ECE (Guo et al., 2017) of each ensemble's softmax p (groups, images, C): the images fall
+    into 15 equal bins of confidence max_c p; sum over bins of |accuracy - confidence| x share."""
+    confidence, predicted = p.max(-1)                                   # (groups, images)
+    gap = confidence - (predicted == y).float()                         # per image
+    bin_of = (confidence * bins).long().clamp_max(bins - 1)             # 0 .. bins-1
+    per_bin = torch.zeros(len(p), bins, device=p.device).scatter_add_(1, bin_of, gap)
+    return per_bin.abs().sum(1) / len(y)                                # (groups,)
 
 @torch.no_grad()
 def diversity(model, net, x, n_networks=100, n_predicting=20):
@@ -784,9 +799,6 @@ class StandardEnsemble(nn.Module):
         stacks = [torch.stack(tensors) for tensors in zip(*(m.parameters() for m in nets))]
         self.params = nn.ParameterList(nn.Parameter(t) for t in stacks)
 
-    def forward(self, n):
-        return self.sample(n)                       # a step trains all n members
-
     def sample(self, n):
         """The first n members (all of them if n is larger): [(weight, bias)] per layer."""
         params = [t[:n] for t in self.params]
@@ -797,9 +809,6 @@ class MCDropout(nn.Module):
     def __init__(self, net):
         super().__init__()
         self.params = nn.ParameterList(nn.Parameter(t.detach().clone()) for t in net.parameters())
-
-    def forward(self, n):
-        return self.sample(n)                       # a step trains the network under n masks
 
     def sample(self, n):
         params = [t.expand(n, *t.shape) for t in self.params]          # n views of one network
@@ -872,13 +881,12 @@ def attack(net, networks_at_step, x, y, eps, steps, data, generator=None):
         adv = torch.min(torch.max(adv, pixels - eps), pixels + eps).clamp(0, 1)
     return (adv - data.mean) / data.std
 
-def attack_results(net, theta, networks_at_step, steps, data, generator, clean, report):
-    """One attack at every eps: the accuracy under it, the share of correct answers it flips, and
-    the detection (row 27) of the flipped images among the clean ones the ensemble gets right.
-    clean: the ensemble's softmax on the clean images."""
-    x, y = data.test.x[:ADV_IMAGES], data.test.y[:ADV_IMAGES]
+def attack_results(net, theta, networks_at_step, steps, data, x, y, generator, clean, report):
+    """One attack at every eps on images x, labels y: the accuracy under it, the share of correct
+    answers it flips, and the detection (row 27) of the flipped images among the clean ones the
+    ensemble gets right. clean: the ensemble's softmax on the clean images."""
     correct = clean.argmax(-1) == y
-    results = {}
+    results, cells = {}, []
     for eps in EPSILONS:
         adv = [attack(net, networks_at_step, x[i:i + 100], y[i:i + 100], eps, steps, data,
                       generator) for i in range(0, len(x), 100)]         # 100 images at a time
@@ -891,8 +899,6 @@ def attack_results(net, theta, networks_at_step, steps, data, generator, clean, 
             d = detection(clean[correct], p_adv[flipped])
             r.update(auroc=d["auroc"], fpr95=d["fpr95"])
         results[str(eps)] = r
-    cells = []
-    for eps, r in results.items():
         detected = "  -  " if r["auroc"] is None else f"{r['auroc']:.3f}"
         cells.append(f"eps {eps}: acc {100 * r['accuracy']:5.1f} % auroc {detected}")
     return results, "  ".join(cells)
@@ -905,15 +911,14 @@ def adversarial_evaluation(net, theta, data, sample=None):
     accuracy = (clean.argmax(-1) == y).float().mean().item()
     result = dict(networks=len(theta[0][0]), images=len(x), clean_accuracy=accuracy)
     attacks = dict(fgsm=(1, lambda step: theta), pgd=(PGD_STEPS, lambda step: theta))
-    if sample is not None:
+    if sample is not None:                          # new networks, with noise of their own
         attacks["pgd_fresh"] = (PGD_STEPS, lambda step: sample(len(theta[0][0])))
     steps_in_all = sum(steps for steps, _ in attacks.values()) * len(EPSILONS)
     report = progress("attacks", steps_in_all * math.ceil(len(x) / 100))
     for name, (steps, networks_at_step) in attacks.items():
-        fresh = name == "pgd_fresh"                 # its new networks: noise of their own
-        with seeded(EVAL_SEED + 1, x.device) if fresh else contextlib.nullcontext():
-            result[name], line = attack_results(net, theta, networks_at_step, steps, data, starts,
-                                                clean, report)
+        with seeded(EVAL_SEED + 1, x.device) if name == "pgd_fresh" else contextlib.nullcontext():
+            result[name], line = attack_results(net, theta, networks_at_step, steps, data, x, y,
+                                                starts, clean, report)
         print(f"  {name:9s} {line}", flush=True)
     return result
 
@@ -922,7 +927,7 @@ def uncertainty_evaluation(cfg, model, net, data):
     out = {}
     with seeded(EVAL_SEED, data.test.x.device):     # the networks, and MC dropout's masks
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad():                       # the baselines' sample keeps the graph
             theta = model.sample(UQ_NETWORKS)
         if cfg.ood:
             out["ood"] = {}
@@ -956,9 +961,8 @@ def run_toy(cfg, device):
     if cfg.mixer:
         pretrain_mixer(model)
     K = cfg.networks_per_step
+    inputs, targets = x.expand(K, 20, 1), (y / scale).expand(K, 20)     # all 20 points, K times
     for step in range(cfg.epochs):
-        inputs = x.expand(K, 20, 1)                                      # all 20 points, K times
-        targets = (y / scale).expand(K, 20)
         stats = hypergan_step(model, D, net, opt, inputs, targets, cfg.beta, regression_loss)
         opt.schedule.step()
         if (step + 1) % max(1, cfg.epochs // 5) == 0:
@@ -988,7 +992,7 @@ OUTPUTS = ("checkpoint.pt", "best.pt", "results.json", "diversity.png", "entropy
            "toy.png")
 ARCH_OPTIONS = ("dataset", "method", "hidden", "mixer")         # must match to load a checkpoint
 TRAINING_OPTIONS = ("seed", "networks_per_step", "images_per_network", "shift", "init_spread",
-                    "lr", "lr_d", "beta", "repulsion")          # must match too, to resume one
+                    "lr", "lr_spread", "lr_d", "beta", "repulsion")   # must match, to resume
 
 def check_paths(cfg):
     """Every check of files and folders, made before any long work."""
@@ -1100,52 +1104,40 @@ def write_results(cfg, results):
     except ImportError:
         print("figures: skipped, matplotlib is not installed")
         return
-    figures = dict(diversity=diversity_figure, entropy_cdf=entropy_figure, toy=toy_figure)
-    for name, draw in figures.items():
-        fig = draw(plt, cfg.method, results)
-        if fig is not None:
-            png = os.path.join(cfg.out_dir, f"{name}.png")
-            atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-            plt.close(fig)
-            print(f"figure: {png}")
+    ood = {name: r["ecdf"] for name, r in results.get("ood", {}).items() if "ecdf" in r}
+    figures = dict(diversity=(diversity_figure, results.get("history")),
+                   entropy_cdf=(entropy_figure, ood), toy=(toy_figure, results.get("toy")))
+    for name, (draw, drawn) in figures.items():
+        if not drawn:                              # the results hold nothing for this figure
+            continue
+        fig, ax = plt.subplots(figsize=(5, 4))
+        draw(ax, cfg.method, drawn)
+        png = os.path.join(cfg.out_dir, f"{name}.png")
+        atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+        print(f"figure: {png}")
 
-def diversity_figure(plt, method, results):
+def diversity_figure(ax, method, history):
     """Fig. 7: the weight norms' spread over the epochs (the disagreement: the epoch lines)."""
-    history = results.get("history")
-    if not history:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 4))
     epochs = [e["epoch"] for e in history]
     ax.plot(epochs, [e["diversity"]["weight_norm_rsd_mean"] for e in history], marker=".")
     ax.set(xlabel="epoch", title=f"{method}: std / mean of the weights' L2 norms (Fig. 7)")
-    return fig
 
-def entropy_figure(plt, method, results):
-    """The paper's entropy CDFs: the test images against each OOD set."""
-    ood = {name: r["ecdf"] for name, r in results.get("ood", {}).items() if "ecdf" in r}
-    if not ood:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 4))
+def entropy_figure(ax, method, ood):
+    """The paper's entropy CDFs: the test images against each OOD set (name -> ecdf)."""
     for name, ecdf in ood.items():
         ax.plot(ecdf["entropy_out"], ecdf["quantiles"], label=name)
     ax.plot(ecdf["entropy_in"], ecdf["quantiles"], "k--", label="test (in distribution)")
     ax.set(xlabel="entropy of the mean softmax (nats)", title=f"{method}: fraction of inputs")
     ax.legend()
-    return fig
 
-def toy_figure(plt, method, results):
+def toy_figure(ax, method, toy):
     """The networks' predictive spread on the 1D toy."""
-    toy = results.get("toy")
-    if not toy:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    low = [m - 2 * s for m, s in zip(toy["mean"], toy["std"])]
-    high = [m + 2 * s for m, s in zip(toy["mean"], toy["std"])]
-    ax.fill_between(toy["x"], low, high, alpha=0.3)
+    mean, std = torch.tensor(toy["mean"]), torch.tensor(toy["std"])
+    ax.fill_between(toy["x"], mean - 2 * std, mean + 2 * std, alpha=0.3)
     ax.plot(toy["x"], toy["mean"], "-", toy["x"], [v**3 for v in toy["x"]], "k--")
     ax.plot(toy["train_x"], toy["train_y"], "k.")
     ax.set(xlabel="x", ylim=(-250, 250), title=f"1D toy, {method}: mean ± 2 std, x³ (dashed), data")
-    return fig
 
 # 12. Main: check the input, load the data, train (or resume, or load), evaluate, write ==========
 def pick_device(name):
@@ -1219,21 +1211,25 @@ def test_results(cfg, model, net, data, state):
     r = evaluate(probs, data.test.y)
     eval_seconds = time.perf_counter() - start
     print(f"\ntest set, {len(probs)} networks ({eval_seconds:.1f} s); pairwise disagreement "
-          f"{100 * (r['disagreement'] or 0):.2f} %\n networks | accuracy % (std) |    NLL | paper")
+          f"{100 * (r['disagreement'] or 0):.2f} %\n networks | accuracy % (std) |    NLL |"
+          "    ECE | paper")
     paper = PAPER_TABLE2.get(cfg.dataset, {})
     for m, e in r["ensemble"].items():     # std: over single networks for size 1, else over groups
         ours = f"{100 * e['mean']:8.2f} ± {100 * e['std']:.2f} | {r['nll'][m]:.4f}" if e else ""
-        print(f"{m:>9} | {ours:25s} | {paper.get(m, '-')}")
+        ece = f"{r['ece'][m]:.4f}" if e else ""
+        print(f"{m:>9} | {ours:25s} | {ece:6s} | {paper.get(m, '-')}")
     e100 = r["ensemble"]["100"]
     images_a_step = cfg.networks_per_step * cfg.images_per_network
     return dict(dataset=cfg.dataset, method=cfg.method, config=vars(cfg),
-                checkpoint=cfg.checkpoint or None, nll=r["nll"], disagreement=r["disagreement"],
+                checkpoint=cfg.checkpoint or None, nll=r["nll"], ece=r["ece"],
+                disagreement=r["disagreement"],
                 accuracy=dict(single_mean=r["single_mean"], single_std=r["single_std"],
                               ensemble=r["ensemble"]),
                 ensemble_gain=e100 and e100["mean"] - r["single_mean"],
                 train_seconds=state.seconds, steps_per_second=state.steps / state.seconds,
                 networks_x_images_per_second=state.steps * images_a_step / state.seconds,
                 seconds_per_epoch=state.seconds / len(state.history), eval_seconds=eval_seconds,
+                warning=state.history[-1].get("warning"),      # not_learning at the last epoch
                 history=state.history, paper=PAPER_TABLE2.get(cfg.dataset))
 
 def peak_memory_mb(device):

@@ -180,6 +180,15 @@ def test_initial_spread_is_init_spread_times_the_init_scale(spread):
         assert (w.mean(0) - layer.weight).abs().mean() < 0.2 * spread * G[-1].scale
 
 
+def test_lr_spread_is_the_rate_of_each_generators_last_weight():
+    cfg = H.parse_args(["--dataset", "synthetic-cifar10", "--lr-spread", "0.25"])
+    net, model, D = H.build(cfg, "mednet", 10, torch.device("cpu"))
+    rest, spread = H.make_optimizers(model, D, cfg, total_steps=10).g.param_groups
+    assert spread["lr"] == pytest.approx(0.25 * cfg.lr) and rest["lr"] == cfg.lr
+    assert {id(w) for w in spread["params"]} == {id(G_i[-1].weight) for G_i in model.G}
+    assert len(rest["params"]) + len(spread["params"]) == len(list(model.parameters()))
+
+
 def test_repulsion_by_hand_and_it_pushes_the_networks_apart():
     # K = 2: h = |f_1 - f_2|^2 / log 2, so the kernel is exp(-log 2) = 1/2 for any two networks
     assert H.repulsion(torch.tensor([[0.0, 1.0], [3.0, -1.0]])).item() == pytest.approx(0.5)
@@ -267,7 +276,19 @@ def test_evaluate_by_hand():
     assert r["nll"]["2"] == pytest.approx(-math.log(0.55))
     assert r["nll"]["1"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.2)
                                             + math.log(0.7)) / 4)
-    assert r["ensemble"]["3"] is None and r["nll"]["3"] is None
+    assert r["ensemble"]["3"] is None and r["nll"]["3"] is None and r["ece"]["3"] is None
+    # ECE of one network, each image in a bin of its own: network 0 (0.1 + 0.6) / 2, network 1
+    # (0.8 + 0.3) / 2, mean 0.45; the pair's mean softmax: 0.55 right twice, one bin, 0.45
+    assert r["ece"]["1"] == pytest.approx(0.45) and r["ece"]["2"] == pytest.approx(0.45)
+    both_90 = torch.tensor([[[0.9, 0.1], [0.9, 0.1]]])           # one bin: |0.9 - 1/2|
+    assert H.calibration_error(both_90, y).tolist() == pytest.approx([0.4])
+
+
+def test_a_run_at_chance_says_it_is_not_learning(tmp_path, capsys):
+    assert H.not_learning(0.11, 10, epoch=1) is None and H.not_learning(0.13, 10, epoch=2) is None
+    assert "not learning" in H.not_learning(0.21, 5, epoch=2)
+    res, out = run(capsys, *FAST, "--lr", 1e-12, "--out-dir", tmp_path)   # nothing moves
+    assert "warning: validation accuracy" in out and "--lr-d" in res["warning"]
 
 
 def test_augment_shifts_and_flips():
@@ -431,6 +452,8 @@ def test_baselines_ablations_and_cifar_train_evaluate_and_export(tmp_path, capsy
     assert 0 < res["history"][0]["diversity"]["disagreement"] < 0.9    # they differ, not wildly
     module = H.mednet() if cifar else H.small_net()            # the constructor the README names
     module.load_state_dict(torch.load(tmp_path / "n" / "net_001.pt", weights_only=True))
+    if cifar:                                      # the 2019 net (row 18): 90,208 weights + biases
+        assert sum(p.numel() for p in module.parameters()) == 90506
 
 
 def test_toy_fits_the_points_and_spreads_outside_them(tmp_path, capsys):
@@ -463,6 +486,7 @@ def test_the_process_fails_with_one_line_and_no_traceback(tmp_path):
     (["--lr", "nan"], "--lr"), (["--lr-d", "inf"], "--lr-d"), (["--beta", "-1"], "--beta"),
     (["--epochs", "0"], "--epochs"), (["--networks-per-step", "1"], "--networks-per-step"),
     (["--shift", "-2"], "--shift"), (["--init-spread", "nan"], "--init-spread"),
+    (["--lr-spread", "-0.1"], "--lr-spread"), (["--lr-spread", "nan"], "--lr-spread"),
     (["--seed", "-3"], "--seed"), (["--seed", str(2**32)], "--seed"),
     (["--hidden", "x"], "--hidden"), (["--export", "\u00b2", "n"], "--export"),
     (["--eval-networks", "0"], "--eval-networks"), (["--export", "x", "nets"], "--export"),
