@@ -23,7 +23,7 @@ results: paper_notes.md). CPU: a 2-core AMD EPYC, torch 2.14.1; GPU: one H200.
                 about 1 point lower; 42-44 min), paper 76.32/76.84/77.52/77.71
     CIFAR-5     CPU 81.21/81.33/81.31/81.37 (seed 0, JPEG copy; 27 min with --ood, --adversarial)
                 paper 84.50/85.51/85.54/85.81
-    Diversity: 100 networks gain +0.07 / +0.05 on MNIST / CIFAR-10 over one; the paper +0.67 / +1.39
+    Diversity: 100 networks gain +0.07 / +0.04-0.05 over one (MNIST / CIFAR-10); paper +0.67 / +1.39
 
 Glossary: K networks sampled a step; b images each network sees a step; N layers of the target;
 d the size of a code z_i; theta the parameters of K networks: [(weight_i, bias_i) for each layer].
