@@ -13,16 +13,12 @@ Run:   python hypergan.py --dataset mnist     # downloads; --data-root DIR --no-
        python hypergan.py --method ensemble   # or dropout; ablations: --beta 0, --no-mixer
 Test:  python -m pytest -q test_hypergan.py
 
-Table 2, test accuracy % of 1 / 5 / 10 / 100 sampled networks (each seed, the commands, all other
-results: paper_notes.md). CPU: a 2-core AMD EPYC, torch 2.14.1; GPU: one H200.
-    MNIST       CPU 99.29/99.34/99.35/99.35, H200 99.31/99.36/99.37/99.38 (3 seeds; 7 min, 98 s)
-                paper 98.64/98.75/99.22/99.31
-    MNIST-5000  CPU 98.76/98.95/98.97/98.99, H200 98.72/98.93/98.96/98.97 (3 seeds; 6 min)
-                paper 96.69/97.24/97.33/97.71
-    CIFAR-10    CPU 75.45/75.49/75.49/75.50 (3 seeds; a JPEG copy: about 1 point lower; 41-44 min)
-                paper 76.32/76.84/77.52/77.71
-    CIFAR-5     CPU 81.58/81.77/81.79/81.83 (3 seeds; JPEG copy; 27-30 min with --ood --adversarial)
-                paper 84.50/85.51/85.54/85.81
+Table 2, test accuracy % of 1 / 100 sampled networks, mean of 3 seeds (paper_notes.md: each seed,
+5 and 10 networks, the commands; CPU: a 2-core AMD EPYC, torch 2.14.1; GPU: one H200, bf16):
+    MNIST 99.29 / 99.35 (CPU, 7 min), 99.31 / 99.38 (H200, 98 s); paper 98.64 / 99.31
+    MNIST-5000 98.76 / 98.99 (CPU, 6 min), 98.72 / 98.97 (H200); paper 96.69 / 97.71
+    CIFAR-10 (a JPEG copy: about 1 point lower) 75.45 / 75.50 (CPU, 41-44 min); paper 76.32 / 77.71
+    CIFAR-5 (JPEG copy) 81.58 / 81.83 (CPU, 27-30 min with --ood --adversarial); paper 84.50 / 85.81
     Diversity: 100 networks gain +0.07 / +0.04-0.05 over one (MNIST / CIFAR-10); paper +0.67 / +1.39
 
 Glossary: K networks sampled a step; b images each network sees a step; N layers of the target;
@@ -58,23 +54,24 @@ UQ_NETWORKS = 10         # the ensemble that scores OOD inputs and adversarial e
 ADV_IMAGES = 1000        # test images attacked
 PGD_STEPS = 10           # iterations of PGD
 EPSILONS = (0.01, 0.03, 0.08, 0.1, 0.3)   # attack sizes, L-inf in [0, 1] pixel units
-CHECKPOINT_FORMAT = 5       # 5: the 2019 CIFAR net, and lr_spread's own group of Adam
+CHECKPOINT_FORMAT = 5    # 5: the 2019 CIFAR net, and lr_spread's own group of Adam
 
 # What differs between data sets (--help prints it): networks_per_step is K (row 6),
 # images_per_network is b (row 5), shift moves a training image by up to that many pixels (MNIST:
 # row 17; CIFAR: the official crop, and a flip), init_spread sets the first networks apart (row 3),
 # lr_spread is the rate of the weights that keep them apart, a fraction of --lr (row 7).
 BASE_RECIPE = dict(networks_per_step=16, images_per_network=8, init_spread=0.1, lr_spread=1.0)
+CIFAR_RECIPE = dict(BASE_RECIPE, shift=4, lr_spread=0.1)
 RECIPES = {
     "mnist": dict(BASE_RECIPE, epochs=20, shift=2),
     "mnist5000": dict(BASE_RECIPE, epochs=60, shift=2),
     "mnist0-4": dict(BASE_RECIPE, epochs=20, shift=2),
-    "cifar10": dict(BASE_RECIPE, epochs=30, shift=4, lr_spread=0.1),
-    "cifar5": dict(BASE_RECIPE, epochs=30, shift=4, lr_spread=0.1),
+    "cifar10": dict(CIFAR_RECIPE, epochs=30),
+    "cifar5": dict(CIFAR_RECIPE, epochs=30),
     "synthetic-mnist": dict(BASE_RECIPE, epochs=3, shift=2, networks_per_step=8),
     "synthetic-cifar10": dict(BASE_RECIPE, epochs=3, shift=4, networks_per_step=8),
-    "toy": dict(BASE_RECIPE, epochs=2000, networks_per_step=32, images_per_network=20, shift=0,
-                init_spread=1.0),
+    "toy": dict(BASE_RECIPE, epochs=2000, networks_per_step=32, images_per_network=20,
+                shift=0, init_spread=1.0),
 }
 METHOD_RECIPES = {
     "ensemble": dict(networks_per_step=10, images_per_network=32),   # 10 members, 32 images each
@@ -85,6 +82,1067 @@ OOD_SETS = ("mnist5-9", "notmnist", "cifar5-9", "noise")      # the paper's, and
 class UserError(Exception):
     """Bad input or a failed run: main prints it as one `error:` line and exits with code 2."""
 
+# 2. Target networks F(x; theta) (PAPER.md 3): plain nn.Sequential; functional_forward runs K =====
+def small_net(num_classes=10, dropout=0.0):
+    """MNIST target (official); p > 0: MC dropout. Deviation (row 14, exact): pooling first."""
+    drop = [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(nn.Conv2d(1, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,
+                         nn.Conv2d(32, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,
+                         nn.Flatten(), nn.Linear(512, num_classes))   # (B, 32, 4, 4) -> (B, 512)
+
+def mednet(num_classes=10, dropout=0.0):
+    """CIFAR target, Deviation (row 18): the 2019 code's 'mednet', conv 32/64/64, 256-128 (V1:
+    16/32/32, 128-64), whose baselines come nearest the paper's."""
+    drop = [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(nn.Conv2d(3, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 32, 15, 15)
+                         nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 64, 6, 6)
+                         nn.Conv2d(64, 64, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 64, 2, 2)
+                         nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), *drop,
+                         nn.Linear(128, num_classes))
+
+def toy_net(num_classes=1, dropout=0.0):                 # the 1D toy's target (official V1)
+    drop = [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(nn.Linear(1, 200), nn.ELU(), *drop, nn.Linear(200, 1))
+
+TARGETS = {"small": small_net, "mednet": mednet, "toy": toy_net}
+
+def param_layers(net):
+    """The layers with parameters, in order: layer i gets generator G_i."""
+    return [layer for layer in net if isinstance(layer, (nn.Conv2d, nn.Linear))]
+
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout,
+               nn.Identity)
+POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+
+def check_target(net):
+    """Refuses, in one line, a target that functional_forward would not run exactly (README:
+    Conv2d and pooling, one nn.Flatten(), then Linear; biases; ELEMENTWISE layers anywhere)."""
+    if not isinstance(net, nn.Sequential):
+        raise UserError(f"the target network must be an nn.Sequential, not {type(net).__name__}")
+    flat = maps = False                            # a Flatten seen; a convolution or pooling seen
+    for i, layer in enumerate(net):
+        problem = None
+        if not isinstance(layer, (nn.Conv2d, nn.Linear, nn.Flatten, *POOLING, *ELEMENTWISE)):
+            problem = "is not a layer functional_forward runs"
+        elif isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.bias is None:
+            problem = "has no bias (G_i gives every layer one)"
+        elif isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            problem = "has groups != 1"
+        elif isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+            problem = "pads with other values than zeros"
+        elif isinstance(layer, (nn.Conv2d, *POOLING)) and flat:
+            problem = "comes after the Flatten"
+        elif isinstance(layer, nn.Flatten) and flat:
+            problem = "is a second Flatten"
+        elif isinstance(layer, nn.Flatten) and (layer.start_dim, layer.end_dim) != (1, -1):
+            problem = "flattens other dimensions than nn.Flatten()"
+        elif isinstance(layer, nn.Linear) and maps and not flat:
+            problem = "follows image maps without an nn.Flatten() between them"
+        if problem:
+            raise UserError(f"the target's layer {i}, {layer}, {problem}; accepted: Conv2d, "
+                            "Linear, Flatten, pooling, Dropout and elementwise activations")
+        flat = flat or isinstance(layer, nn.Flatten)
+        maps = maps or isinstance(layer, (nn.Conv2d, *POOLING))
+
+# theta, the parameters of K networks: [(weight (K, *shape), bias (K, out)) for each layer]. Each
+# method of Table 2 here (HyperGAN, standard ensemble, MC dropout) is an nn.Module with sample(n),
+# theta of n networks to evaluate, any noise from torch's global generator (`seeded` seeds it);
+# the standard ensemble gives at most its members. A baseline's sample(K) is what a step trains.
+def functional_forward(net, theta, x, shared=False):
+    """F(x; theta) for K networks at once: (K, B, outputs). x: (K, B, *input), network k on its
+    images x[k]; shared: x is (B, *input), seen by all. Dropout stays on (MC dropout). The maps of
+    the K networks sit side by side, (B, K*C, H, W): a convolution with groups=K applies network
+    k's filters to block k. The same as a loop over k of `net` holding theta[k] (tested)."""
+    K = len(theta[0][0])
+    params = iter(theta)
+    if shared and not isinstance(net[0], nn.Conv2d):
+        x, shared = x.expand(K, *x.shape), False          # a view: K networks, one input
+    h = x
+    if x.dim() == 5:                                      # images of each network
+        h = x.transpose(0, 1).flatten(1, 2)               # (K, B, C, H, W) -> (B, K*C, H, W)
+        # Speed: channels-last, the layout that a CPU's convolution and pooling read fastest
+        # (plain: leave the line out); paper_notes.md, "Speed"
+        h = h.contiguous(memory_format=torch.channels_last)
+    for layer in net:
+        if isinstance(layer, nn.Conv2d) and shared:
+            weight, bias = next(params)                   # (K, O, C, kh, kw), (K, O)
+            h = shared_input_conv(h, weight, bias, layer)  # (B, K*O, H', W')
+            shared = False
+        elif isinstance(layer, nn.Conv2d):
+            weight, bias = next(params)
+            h = F.conv2d(h, weight.flatten(0, 1), bias.flatten(), layer.stride,
+                         layer.padding, layer.dilation, groups=K)   # (B, K*O, H', W')
+        elif isinstance(layer, nn.Flatten):
+            h = h.unflatten(1, (K, -1))                   # (B, K, C, H, W)
+            h = h.flatten(2).transpose(0, 1)              # (K, B, C*H*W)
+        elif isinstance(layer, nn.Linear):
+            weight, bias = next(params)                   # (K, O, I), (K, O)
+            h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))   # (K, B, O)
+        elif isinstance(layer, nn.Dropout):
+            h = F.dropout(h, layer.p, training=True)      # on at test time too
+        else:
+            h = layer(h)                                  # activation or pooling
+    return h
+
+def shared_input_conv(h, weight, bias, layer):
+    """K convolutions, as `layer` (stride, zero padding, dilation), of one input h (B, C, H, W).
+    Speed: plainly F.conv2d(h.repeat(1, K, 1, 1), weight.flatten(0, 1), ..., groups=K); one matrix
+    product of h's patches with all K*O filters evaluates 2.5-4x as fast on a CPU ("Speed")."""
+    h = F.pad(h, layer._reversed_padding_repeated_twice)   # the layer's zeros, 'same' included
+    B, C, H, W = h.shape
+    (kh, kw), (dh, dw), (sh, sw) = layer.kernel_size, layer.dilation, layer.stride
+    H_out = (H - dh * (kh - 1) - 1) // sh + 1
+    W_out = (W - dw * (kw - 1) - 1) // sw + 1
+    patches = F.unfold(h, (kh, kw), (dh, dw), 0, (sh, sw))    # (B, C*kh*kw, H'*W')
+    patches = patches.transpose(1, 2).flatten(0, 1)          # (B*H'*W', C*kh*kw)
+    filters = weight.flatten(0, 1).flatten(1).t()            # (C*kh*kw, K*O)
+    out = torch.addmm(bias.flatten(), patches, filters)      # (B*H'*W', K*O)
+    out = out.view(B, H_out, W_out, -1)                      # (B, H', W', K*O)
+    return out.permute(0, 3, 1, 2)                           # (B, K*O, H', W')
+
+# 3. The hypernetwork (Fig. 1; PAPER.md 1.1, 2): the mixer Q, the generators G_i, and D ==========
+def hidden_layers(sizes, activation, batchnorm=True):
+    """Linear, BatchNorm (optional) and the activation, for each consecutive pair of sizes."""
+    layers = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        norm = [nn.BatchNorm1d(n_out)] if batchnorm else []
+        layers += [nn.Linear(n_in, n_out), *norm, activation()]
+    return layers
+
+# Deviation (row 3), the largest departure from Fig. 1: G_i's output layer. The official one is a
+# plain Linear; here theta_i = bias + scale * (W h), with scale = 1 / sqrt(fan_in) of layer i, so
+# the bias is a whole network (it starts as layer i's default init: the mean network) and W h
+# sets each sampled network apart from it (W starts at init_spread x its own init). Unscaled,
+# the first logits explode (paper_notes.md, "Diversity"). W has its own rate (row 7).
+class ScaledLinear(nn.Linear):
+    def __init__(self, n_in, layer, init_spread):
+        super().__init__(n_in, layer.weight.numel() + layer.bias.numel())
+        self.scale = 1 / math.sqrt(layer.weight[0].numel())          # 1 / sqrt(fan_in)
+        with torch.no_grad():
+            self.bias.copy_(torch.cat([layer.weight.flatten(), layer.bias]))
+            self.weight.mul_(init_spread)
+
+    def forward(self, h):
+        return F.linear(h, self.weight) * self.scale + self.bias
+
+class HyperGAN(nn.Module):
+    """The mixer Q and the generators G_i of Fig. 1, for the target network `net` (initialised).
+    Q: s (K, S_DIM) -> z (K, N * d), Linear-BN-ReLU x 2, Linear (official code; Deviation
+    (row 15): no N(0, 0.01^2) noise added to s). G_i: z_i (K, d) -> theta_i, Linear-BN-ELU x 2,
+    ScaledLinear (2019 code). Deviation (row 2): G_i gives layer i's bias too (2019 code)."""
+    def __init__(self, net, hidden=256, init_spread=0.1, mixer=True):
+        super().__init__()
+        layers = param_layers(net)
+        self.shapes = [(layer.weight.shape, layer.bias.shape) for layer in layers]
+        N = len(layers)
+        self.s_dim = S_DIM if mixer else N * Z_DIM   # no mixer (Fig. 7, row 29): s is the codes
+        self.Q = nn.Identity()
+        if mixer:
+            self.Q = nn.Sequential(*hidden_layers([S_DIM, hidden, hidden], nn.ReLU),
+                                   nn.Linear(hidden, N * Z_DIM))
+        self.G = nn.ModuleList()
+        for layer in layers:
+            G_i = nn.Sequential(*hidden_layers([Z_DIM, hidden, hidden], nn.ELU),
+                                ScaledLinear(hidden, layer, init_spread))
+            self.G.append(G_i)
+
+    def sample_s(self, K):
+        return torch.randn(K, self.s_dim, device=self.G[0][0].weight.device)   # s ~ N(0, I)
+
+    def codes(self, s):
+        return self.Q(s).view(len(s), len(self.G), Z_DIM)            # z = Q(s): (K, N, d)
+
+    def generate(self, z):
+        """theta_i = G_i(z_i) for each layer i: [(weight (K, *shape), bias (K, out)), ...]."""
+        theta = []
+        for G_i, z_i, (w_shape, b_shape) in zip(self.G, z.unbind(1), self.shapes):
+            out = G_i(z_i)                                           # (K, |weight| + |bias|)
+            weight, bias = out.split([w_shape.numel(), b_shape.numel()], dim=1)
+            theta.append((weight.view(-1, *w_shape), bias))          # (K, *shape), (K, out)
+        return theta
+
+    @torch.no_grad()
+    def sample(self, n):
+        return self.generate(self.codes(self.sample_s(n)))            # n new networks
+
+def discriminator(hidden=256):
+    """D: a code z_i or a prior sample p_i (.., d) -> a logit l, D(.) = sigmoid(l); one for all."""
+    return nn.Sequential(*hidden_layers([Z_DIM, hidden, hidden], nn.ReLU, batchnorm=False),
+                         nn.Linear(hidden, 1))
+
+# 4. The objective (PAPER.md 1.2). D's logit l: log D = logsigmoid(l), log(1 - D) = logsigmoid(-l)
+def classification_loss(out, y):
+    """Eq. (1)'s loss: the cross-entropy of every network on its own images, averaged over the
+    K x b (row 8); and the accuracy. out: (K, b, classes); y: (K, b)."""
+    ce = F.cross_entropy(out.flatten(0, 1).float(), y.flatten())
+    accuracy = (out.argmax(-1) == y).float().mean()
+    return ce, accuracy
+
+def regression_loss(out, y):
+    """The 1D toy's loss in Eq. (1): the mean squared error; no accuracy. out: (K, b, 1)."""
+    mse = F.mse_loss(out.squeeze(-1).float(), y)
+    return mse, torch.zeros((), device=mse.device)
+
+def discriminator_loss(D, z, p):
+    """D minimises Eq. (3) as written (row 1): D(p_i) -> 1, D(z_i) -> 0. z, p: (K, N, d)."""
+    logits = D(torch.cat([p, z])).squeeze(-1)                 # one call of D: (2K, N)
+    logit_p, logit_z = logits.chunk(2)                        # (K, N) each
+    # Eq. (3): Dist = -sum_i [ log D(p_i) + log(1 - D(z_i)) ], averaged over the K networks
+    return -(F.logsigmoid(logit_p) + F.logsigmoid(-logit_z)).sum(1).mean()
+
+def code_distance(D, z):
+    """Dist_z, Eq. (3)'s terms in the codes: -sum_i log(1 - D(z_i)), averaged over K. Eq. (2)
+    subtracts it: Q pushes D(z_i) up, to the prior's label. The saturating minimax form: as D(z_i)
+    -> 0 its gradient vanishes, and our runs end with D(z) < 0.001 (paper_notes.md, section 4)."""
+    return -F.logsigmoid(-D(z).squeeze(-1)).sum(1).mean()
+
+def pretrain_mixer(model, steps=PRETRAIN_STEPS, batch=1000):
+    """Before training (official README: on), fit Q so that each code z_i has mean 0 and covariance
+    I on a batch. Deviation (row 16): those exact moments, not a sampled batch's. In 100 steps the
+    mean reaches 0; the covariance, 1 of 128 x 128 terms a variance, moves little (tested)."""
+    optimizer = torch.optim.Adam(model.Q.parameters(), lr=1e-3)
+    eye = torch.eye(Z_DIM, device=model.G[0][0].weight.device)
+    for _ in range(steps):
+        z = model.codes(model.sample_s(batch)).transpose(0, 1)        # (N, batch, d)
+        mean = z.mean(1)                                              # (N, d)
+        left = (z - mean[:, None]).transpose(1, 2)                    # (N, d, batch)
+        cov = left @ (z - mean[:, None]) / (batch - 1)                # (N, d, d)
+        loss = mean.pow(2).mean() + (cov - eye).pow(2).mean()
+        descend(optimizer, loss)
+    return loss.item()
+
+def repulsion(logits):
+    """Beyond the paper (row 32; the authors' 2020 successor): the mean RBF kernel
+    exp(-|f_i - f_j|^2 / h) over pairs i != j of the K networks' logits f on one shared batch,
+    h = median |f_i - f_j|^2 / log K. It is small when the networks' functions differ."""
+    f = logits.float().flatten(1)                                     # (K, b * classes)
+    off_diagonal = ~torch.eye(len(f), dtype=torch.bool, device=f.device)
+    d2 = torch.cdist(f, f).pow(2)[off_diagonal]                       # (K * (K - 1),)
+    bandwidth = d2.median().detach() / math.log(len(f)) + 1e-8
+    return torch.exp(-d2 / bandwidth).mean()
+
+# 5. The training step ============================================================================
+STATS = ("ce", "d_loss", "q_adv", "D(p)", "D(z)", "acc")    # q_adv = -Dist_z, what Q minimises
+LIKELIHOOD_STATS = ("ce", "acc")
+
+def mixed_precision(x):
+    """bfloat16 autocast on a GPU, for the forward passes of Q, the G_i and F; off on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
+
+def descend(optimizer, loss):
+    """One step down the gradient of `loss`."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+def hypergan_step(model, D, net, opt, x, y, beta, task_loss=classification_loss,
+                  repulsion_weight=0.0):
+    """One step of HyperGAN: D on Eq. (3), then Q and the G_i on Eq. (2), 1:1 (official code).
+    x: (K, b, C, H, W), network k on its own images x[k]; y: (K, b). Returns STATS, a tensor."""
+    with mixed_precision(x):
+        s = model.sample_s(len(x))                  # s ~ N(0, I): (K, s_dim)
+        z = model.codes(s)                          # z = Q(s): (K, N, d)
+        theta = model.generate(z)                   # theta_i = G_i(z_i)
+        out = functional_forward(net, theta, x)     # F(x; theta): (K, b, classes)
+    z = z.float()
+
+    # D step: min over D of Eq. (3), Dist = -sum_i [log D(p_i) + log(1 - D(z_i))]; z held fixed
+    p = torch.randn_like(z)                         # p_i ~ P = N(0, I)
+    d_loss = discriminator_loss(D, z.detach(), p)
+    descend(opt.d, d_loss)
+
+    # Q and G step: min over Q, G of Eq. (2), E[CE(F(x; theta), y)] - beta * Dist; D held fixed
+    ce, accuracy = task_loss(out, y)                # Eq. (1)
+    D.requires_grad_(False)                         # no gradient reaches D's weights
+    dist_z = code_distance(D, z)
+    D.requires_grad_(True)
+    loss = ce - beta * dist_z                       # Eq. (2)
+    if repulsion_weight:                            # beyond the paper (row 32); off by default
+        with mixed_precision(x):                    # all K networks on network 0's images
+            shared = functional_forward(net, theta, x[0], shared=True)
+        loss = loss + repulsion_weight * repulsion(shared)
+    descend(opt.g, loss)
+
+    with torch.no_grad():                           # for the log: D after its step
+        D_p, D_z = torch.sigmoid(D(p)).mean(), torch.sigmoid(D(z)).mean()
+    return torch.stack([ce.detach(), d_loss.detach(), -dist_z.detach(), D_p, D_z, accuracy])
+
+class Optimizers(NamedTuple):
+    g: torch.optim.Optimizer          # Q and the G_i, or a baseline's networks
+    d: torch.optim.Optimizer          # D (None for the baselines)
+    schedule: torch.optim.lr_scheduler.LambdaLR
+
+def make_optimizers(model, D, cfg, total_steps):
+    """Adam for Q and the G_i (or a baseline's networks), and for D. Deviation (row 7): official
+    V1 has betas (0.5, 0.9), Q 5e-4, G 1e-4, D 1e-4, constant; ours (0.9, 0.999) at --lr, cosine
+    to 0, D (0.5, 0.999) at --lr-d, constant. W of G_i's last layer (theta_i = bias + scale W h)
+    at lr_spread x --lr: Adam moves each of its columns as far as the bias (paper_notes.md)."""
+    spread = [G_i[-1].weight for G_i in model.G] if isinstance(model, HyperGAN) else []
+    rest = [p for p in model.parameters() if all(p is not w for w in spread)]
+    groups = [dict(params=rest), dict(params=spread, lr=cfg.lr * cfg.lr_spread)]
+    # Speed: fused=True makes Adam's update one kernel a step (plain: leave it out)
+    opt_g = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+    opt_d = None
+    if D is not None:
+        opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True)
+
+    def cosine(step):
+        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return Optimizers(opt_g, opt_d, torch.optim.lr_scheduler.LambdaLR(opt_g, cosine))
+
+# 6. The baselines of Table 2, "Random Start" and "MC Dropout": the other sample(n) models =======
+# They train by Eq. (1) alone (likelihood_step) and are evaluated as HyperGAN is.
+class StandardEnsemble(nn.Module):
+    """M independently initialised networks (row 20), each parameter one (M, *shape) stack."""
+    def __init__(self, net, members):
+        super().__init__()
+        nets = [copy.deepcopy(net) for _ in range(members)]
+        for member in nets:
+            for layer in param_layers(member):
+                layer.reset_parameters()                              # a fresh default init
+        stacks = [torch.stack(ts) for ts in zip(*(m.parameters() for m in nets))]
+        self.params = nn.ParameterList(nn.Parameter(t) for t in stacks)
+
+    def sample(self, n):
+        """The first n members (all of them if n is larger): [(weight, bias)] per layer."""
+        params = [t[:n] for t in self.params]
+        return list(zip(params[0::2], params[1::2]))
+
+class MCDropout(nn.Module):
+    """One network, dropout on at test time (Gal & Ghahramani, 2016; row 21): a mask a network."""
+    def __init__(self, net):
+        super().__init__()
+        self.params = nn.ParameterList(nn.Parameter(t.detach().clone()) for t in net.parameters())
+
+    def sample(self, n):
+        params = [t.expand(n, *t.shape) for t in self.params]        # n views of one network
+        return list(zip(params[0::2], params[1::2]))
+
+def likelihood_step(model, net, opt, x, y):
+    """One step of Eq. (1) alone, for the baselines: the K members, or one network under masks."""
+    with mixed_precision(x):
+        out = functional_forward(net, model.sample(len(x)), x)       # (K, b, classes)
+    loss, accuracy = classification_loss(out, y)                     # Eq. (1)
+    descend(opt.g, loss)
+    return torch.stack([loss.detach(), accuracy])                    # LIKELIHOOD_STATS
+
+def build(cfg, arch, num_classes, device):
+    """(target network, the distribution over its parameters that the run trains, D or None)."""
+    dropout = DROPOUT if cfg.method == "dropout" else 0.0
+    net = TARGETS[arch](num_classes, dropout).to(device)
+    check_target(net)
+    if cfg.method == "dropout":
+        return net, MCDropout(net), None
+    if cfg.method == "ensemble":
+        return net, StandardEnsemble(net, cfg.networks_per_step), None
+    model = HyperGAN(net, cfg.hidden, cfg.init_spread, cfg.mixer).to(device)
+    return net, model, discriminator(cfg.hidden).to(device)
+
+# 7. Data: each split one tensor on the device; batches by indexing; augmentation in batch =======
+MEAN_STD = dict(mnist=((0.1307,), (0.3081,)),                         # official code, both
+                cifar10=((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)))
+
+class Split(NamedTuple):
+    x: torch.Tensor        # normalised images (n, C, H, W)
+    y: torch.Tensor        # labels (n,)
+
+@dataclasses.dataclass
+class Data:
+    train: Split
+    val: Split             # held-out training images: they pick the best epoch (row 10)
+    test: Split
+    num_classes: int
+    arch: str              # the target network: "small" (MNIST-shaped) or "mednet" (CIFAR-shaped)
+    flip: bool             # augmentation mirrors half the images (CIFAR)
+    mean: torch.Tensor     # (C, 1, 1): pixels in [0, 1] are normalised as (pixels - mean) / std
+    std: torch.Tensor
+    black: torch.Tensor    # (C, 1, 1): a black pixel, normalised: the border of a shifted image
+    ood: dict              # OOD set name -> normalised images
+    ood_skipped: dict      # OOD set name -> why it was skipped (only notMNIST may be)
+
+def normalise(pixels, mean, std):
+    return (pixels.to(mean.device) - mean) / std
+
+def synthetic_split(shape, n, seed):
+    """Offline stand-in data (row 31): a class's fixed pattern, moved up to 2 pixels, plus noise."""
+    C, H, W = shape
+    coarse = torch.randn(10, C, H // 4, W // 4, generator=torch.Generator().manual_seed(0))
+    patterns = F.interpolate(coarse, size=(H, W), mode="bilinear")   # the same in every split
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(10, (n,), generator=g)
+    moves = torch.randint(-2, 3, (2, n), generator=g)
+    x = torch.stack([torch.roll(patterns[c], shifts=(int(dy), int(dx)), dims=(1, 2))
+                     for c, dy, dx in zip(y.tolist(), *moves)])      # (n, C, H, W)
+    noisy = (x + 0.8 * torch.randn(n, C, H, W, generator=g)) / 6 + 0.5
+    return noisy.clamp(0, 1), y
+
+def torchvision_split(name, root, train, download):
+    """Pixels (n, C, H, W) in [0, 1] and labels of a torchvision set; a failure is a UserError."""
+    import torchvision.datasets
+    datasets = dict(mnist=torchvision.datasets.MNIST, cifar10=torchvision.datasets.CIFAR10)
+    try:
+        ds = datasets[name](root, train=train, download=download)
+        x, y = torch.as_tensor(ds.data), torch.as_tensor(ds.targets)
+        x = x.unsqueeze(1) if name == "mnist" else x.permute(0, 3, 1, 2)   # (n, C, H, W)
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"{len(x)} images and {len(y)} labels")
+    except Exception as e:        # offline, a failed download, a corrupt or truncated file
+        hint = "check the network or the files" if download else "--no-download needs them there"
+        raise UserError(f"could not load {name} from {root!r} ({e!r:.100}); {hint}")
+    return x.float().div(255), y.long()
+
+def read_notmnist(root):
+    """notMNIST_small as unpacked, <root>/notMNIST_small/<letter>/*.png, or None (row 25)."""
+    from PIL import Image                             # installed with torchvision
+    images = []
+    for path in sorted(glob.glob(os.path.join(root, "notMNIST_small", "*", "*"))):
+        try:
+            gray = bytearray(Image.open(path).convert("L").tobytes())
+            image = torch.frombuffer(gray, dtype=torch.uint8).view(1, 28, 28)
+        except (OSError, RuntimeError):       # the archive holds a few unreadable files
+            continue
+        images.append(image.float() / 255)
+    return torch.stack(images) if images else None
+
+def load_ood(name, cfg, shape, other_classes, n_test):
+    """Pixels in [0, 1] of OOD set `name` (None: no notMNIST); other_classes: test classes 5-9."""
+    home = {"mnist5-9": "mnist0-4", "cifar5-9": "cifar5"}.get(name, cfg.dataset)
+    if home != cfg.dataset:
+        raise UserError(f"--ood {name} needs --dataset {home}")
+    if name == "notmnist" and shape != (1, 28, 28):
+        raise UserError(f"--ood notmnist holds (1, 28, 28) images, --dataset {cfg.dataset} "
+                        f"has {shape}")
+    if name == "notmnist":
+        return read_notmnist(cfg.data_root)
+    if name == "noise":                      # uniform random pixels, as many as the test set
+        return torch.rand(n_test, *shape, generator=torch.Generator().manual_seed(3))
+    return other_classes
+
+def load_data(cfg, device):
+    """The splits and the OOD sets, all loaded before training: a missing set fails in seconds."""
+    if cfg.dataset.startswith("synthetic"):
+        shape = (1, 28, 28) if cfg.dataset == "synthetic-mnist" else (3, 32, 32)
+        x, y = synthetic_split(shape, cfg.synthetic_size, seed=1)
+        x_test, y_test = synthetic_split(shape, max(1024, cfg.synthetic_size // 5), seed=2)
+        mean, std = (0.5,) * shape[0], (1 / 6,) * shape[0]
+        val_size = 512
+    else:
+        base = "mnist" if cfg.dataset.startswith("mnist") else "cifar10"
+        x, y = torchvision_split(base, cfg.data_root, True, cfg.download)
+        x_test, y_test = torchvision_split(base, cfg.data_root, False, cfg.download)
+        mean, std = MEAN_STD[base]
+        val_size = VAL_SIZE
+    other_classes = x_test[y_test >= 5]
+    num_classes = 10
+    if cfg.dataset in ("cifar5", "mnist0-4"):         # CIFAR-5: the first five classes (row 19)
+        x, y = x[y < 5], y[y < 5]
+        x_test, y_test = x_test[y_test < 5], y_test[y_test < 5]
+        num_classes = 5
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    val, train = order[:val_size], order[val_size:]
+    if cfg.dataset == "mnist5000":                    # Deviation (row 11): a fixed subset
+        train = train[:5000]
+    mean = torch.tensor(mean).view(-1, 1, 1).to(device)         # (C, 1, 1)
+    std = torch.tensor(std).view(-1, 1, 1).to(device)
+    ood, skipped = {}, {}
+    for name in cfg.ood:
+        pixels = load_ood(name, cfg, tuple(x_test.shape[1:]), other_classes, len(x_test))
+        if pixels is None:                             # only notMNIST is optional
+            skipped[name] = f"no readable images in {cfg.data_root}/notMNIST_small"
+            print(f"ood {name}: skipped, {skipped[name]} (unpack notMNIST_small.tar.gz there)")
+        else:
+            ood[name] = normalise(pixels, mean, std)
+    return Data(train=Split(normalise(x[train], mean, std), y[train].to(device)),
+                val=Split(normalise(x[val], mean, std), y[val].to(device)),
+                test=Split(normalise(x_test, mean, std), y_test.to(device)),
+                num_classes=num_classes, arch="small" if x.shape[1] == 1 else "mednet",
+                flip=x.shape[1] == 3, mean=mean, std=std,
+                black=normalise(torch.zeros(1, 1, 1), mean, std), ood=ood, ood_skipped=skipped)
+
+def augment_batch(x, black, shift, flip, generator=None):
+    """Images x (B, C, H, W), each moved up to `shift` pixels on black; flip: half mirrored."""
+    B, C, H, W = x.shape
+    padded = F.pad(x - black, (shift,) * 4) + black           # (B, C, H + 2 shift, W + 2 shift)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, B, 1), device=x.device, generator=generator)
+    rows = (dy + torch.arange(H, device=x.device))[:, None, :, None]   # (B, 1, H, 1): image k's
+    cols = (dx + torch.arange(W, device=x.device))[:, None, None, :]   # (B, 1, 1, W): window
+    x = padded.gather(2, rows.expand(B, C, H, W + 2 * shift))          # (B, C, H, W + 2 shift)
+    x = x.gather(3, cols.expand(B, C, H, W))                           # (B, C, H, W)
+    if flip:
+        coins = torch.rand(B, 1, 1, 1, device=x.device, generator=generator)
+        x = torch.where(coins < 0.5, x.flip(-1), x)                     # half of them mirrored
+    return x
+
+# 8. The training loop ==========================================================================
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands; a checkpoint holds it beside the weights and the optimizers."""
+    epoch: int = 0                    # epochs finished
+    steps: int = 0
+    seconds: float = 0.0              # training and validation time
+    best_val: float = -1.0            # the best validation accuracy of one network so far
+    history: list = dataclasses.field(default_factory=list)    # one entry per epoch
+
+def images_per_step(cfg):
+    """A standard ensemble's member walks its own order, b images a step; the others K x b."""
+    if cfg.method == "ensemble":
+        return cfg.images_per_network
+    return cfg.networks_per_step * cfg.images_per_network
+
+def epoch_batches(cfg, n, generator):
+    """(steps, K, b) indices of the training images: network k sees batch[k] at each step."""
+    K, b = cfg.networks_per_step, cfg.images_per_network
+    steps = n // images_per_step(cfg)
+    if cfg.method == "ensemble":                        # K orders, one a member (row 20)
+        orders = [torch.randperm(n, generator=generator) for _ in range(K)]
+        orders = torch.stack(orders)[:, :steps * b]                  # (K, steps * b)
+        return orders.view(K, steps, b).transpose(0, 1)              # (steps, K, b)
+    order = torch.randperm(n, generator=generator)                   # one order (row 5)
+    return order[:steps * K * b].view(steps, K, b)
+
+def train(cfg, model, D, net, data, opt, state):
+    """The training loop. After each epoch, checkpoint.pt holds the run, best.pt its best epoch."""
+    x_train, y_train = data.train
+    steps = len(x_train) // images_per_step(cfg)
+    if steps == 0:
+        raise UserError(f"the training set ({len(x_train)} images) is smaller than one step "
+                        f"({images_per_step(cfg)})")
+    names = STATS if D is not None else LIKELIHOOD_STATS
+    log_every = max(1, steps // 5)           # reading the losses waits for the GPU: 5 an epoch
+    print(f"{'epoch':>5} {'step':>7} " + " ".join(f"{name:>8}" for name in names)
+          + f" {'ms/step':>8} {'ETA':>7}")
+    for epoch in range(state.epoch, cfg.epochs):
+        epoch_start = time.perf_counter()
+        model.train()
+        rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)   # resume: the same epoch
+        batches = epoch_batches(cfg, len(x_train), rng).to(x_train.device)
+        sums, n_sum, log_start = 0, 0, time.perf_counter()
+        for i, idx in enumerate(batches):                            # idx: (K, b)
+            x = x_train[idx.flatten()]                               # (K * b, C, H, W)
+            if cfg.shift:
+                x = augment_batch(x, data.black, cfg.shift, data.flip)
+            x = x.view(*idx.shape, *x.shape[1:])                     # (K, b, C, H, W)
+            if D is None:
+                stats = likelihood_step(model, net, opt, x, y_train[idx])
+            else:
+                stats = hypergan_step(model, D, net, opt, x, y_train[idx], cfg.beta,
+                                      repulsion_weight=cfg.repulsion)
+            opt.schedule.step()
+            sums = sums + stats
+            n_sum += 1
+            if (i + 1) % log_every and i + 1 < steps:
+                continue
+            means = (sums / n_sum).tolist()                          # waits for the device
+            if not all(map(math.isfinite, means)):
+                raise UserError(f"a loss became non-finite at epoch {epoch + 1}, step {i + 1} "
+                                f"({dict(zip(names, means))}); lower --lr or --beta; "
+                                "the checkpoint is kept")
+            ms = (time.perf_counter() - log_start) * 1000 / n_sum
+            eta = ms / 60000 * (steps * (cfg.epochs - epoch) - i - 1)       # minutes
+            columns = " ".join(f"{v:8.4f}" for v in means)
+            print(f"{epoch + 1:>5} {epoch * steps + i + 1:>7} {columns} {ms:8.1f} {eta:6.1f}m",
+                  flush=True)
+            sums, n_sum, log_start = 0, 0, time.perf_counter()
+        state.epoch = epoch + 1
+        state.steps += steps
+        end_of_epoch(cfg, model, D, opt, state, dict(zip(names, means)), epoch_start, net, data)
+
+def end_of_epoch(cfg, model, D, opt, state, train_stats, epoch_start, net, data):
+    """Validation, Fig. 7's diversity, the checkpoints and the epoch's line."""
+    val = evaluate(sample_probs(model, net, data.val.x, VAL_NETWORKS), data.val.y, sizes=())
+    state.seconds += time.perf_counter() - epoch_start               # training and validation
+    div = diversity(model, net, data.test.x[:1000])                  # observes, chooses nothing
+    warning = not_learning(val["single_mean"], data.num_classes, state.epoch)
+    state.history.append(dict(epoch=state.epoch, train=train_stats, seconds=state.seconds,
+                              val_single_mean=val["single_mean"], diversity=div, warning=warning))
+    improved = val["single_mean"] > state.best_val
+    state.best_val = max(state.best_val, val["single_mean"])
+    if improved:                     # first: a checkpoint.pt never counts a best.pt not written
+        save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), cfg, model, D, opt, state)
+    save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), cfg, model, D, opt, state)
+    accuracy = f"{100 * val['single_mean']:.2f} ± {100 * val['single_std']:.2f} % (one network)"
+    print(f"epoch {state.epoch}: validation {accuracy}; weight-norm RSD "
+          f"{div['weight_norm_rsd_mean']:.4f}; test disagreement {100 * div['disagreement']:.2f} %"
+          + "  -> best.pt" * improved, flush=True)
+    if warning:
+        print(f"warning: {warning}", flush=True)
+
+def not_learning(accuracy, num_classes, epoch):
+    """A warning if the validation accuracy is within 2 points of chance from epoch 2, else None."""
+    if epoch >= 2 and accuracy <= 1 / num_classes + 0.02:
+        return (f"validation accuracy {100 * accuracy:.1f} % is within 2 points of chance: not "
+                "learning; likely causes: D overpowers Eq. (1) (lower --lr-d or --beta), the "
+                "width (--hidden), --lr or --lr-spread")
+
+# 9. Evaluation: Table 2 (accuracy of 1, 5, 10, 100 networks) and Fig. 7 (diversity) ============
+@contextlib.contextmanager
+def seeded(seed, device):
+    """Torch's generators from `seed` inside, restored after: the same networks each time."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """Deviation (row 9): BatchNorm in eval mode while sampling: a network alone, not a batch."""
+    was_training = model.training
+    model.eval()
+    yield
+    model.train(was_training)
+
+def progress(name, total, every=10.0):
+    """A callback for a long phase: report(n), n more done, prints 'name: done/total, s, ETA'."""
+    start = last = time.perf_counter()
+    done = 0
+
+    def report(n):
+        nonlocal last, done
+        done += n
+        now = time.perf_counter()
+        if now - last >= every and done < total:
+            last = now
+            eta = (now - start) * (total / done - 1)
+            print(f"  {name}: {done}/{total}, {now - start:.0f} s, ETA {eta:.0f} s", flush=True)
+    return report
+
+@torch.no_grad()
+def predict(net, theta, x, report=None):
+    """Softmax outputs (n, len(x), classes) of the networks theta, in chunks: bounded memory."""
+    networks, images = (10, 50) if x.device.type == "cpu" else (100, 500)
+    out = []
+    for first in range(0, len(theta[0][0]), networks):
+        chunk = [(w[first:first + networks], b[first:first + networks]) for w, b in theta]
+        probs = [functional_forward(net, chunk, x[i:i + images], shared=True).float().softmax(-1)
+                 for i in range(0, len(x), images)]
+        out.append(torch.cat(probs, dim=1))                          # (networks, len(x), classes)
+        if report:
+            report(len(out[-1]))
+    return torch.cat(out)
+
+@torch.no_grad()
+def sample_probs(model, net, x, n_networks, report=None):
+    """Softmax outputs (n, len(x), classes) of n networks sampled from `model` with EVAL_SEED."""
+    with seeded(EVAL_SEED, x.device), evaluation_mode(model):
+        return predict(net, model.sample(n_networks), x, report)
+
+def disagreement(probs):
+    """The share of network pairs that disagree: with c_j of M voting j, (M^2 - sum c_j^2) / 2 of
+    M (M - 1) / 2 pairs; the mean over the images."""
+    M, classes = len(probs), probs.shape[-1]
+    votes = F.one_hot(probs.argmax(-1), classes).sum(0).float()     # (images, classes)
+    return ((M * M - votes.pow(2).sum(-1)) / (M * (M - 1))).mean().item()
+
+def evaluate(probs, y, sizes=(1, 5, 10, 100)):
+    """Table 2 from the softmax outputs probs (n, images, classes) of n networks: one network's
+    accuracy (mean, std over the n); accuracy, NLL and ECE of ensembles (mean softmax, row 12) of
+    each size m over disjoint groups of m, mean and std over the groups (row 13; None if n < m)."""
+    n = len(probs)
+    single = (probs.argmax(-1) == y).float().mean(1)                 # (n,)
+    keys = list(map(str, sizes))
+    r = dict(single_mean=single.mean().item(), single_std=0.0, disagreement=None,
+             ensemble=dict.fromkeys(keys), nll=dict.fromkeys(keys), ece=dict.fromkeys(keys))
+    if n > 1:
+        r["single_std"] = single.std().item()
+        r["disagreement"] = disagreement(probs[:100])
+    for m in sizes:
+        groups = n // m
+        if groups == 0:
+            continue
+        p = probs[:groups * m].view(groups, m, *probs.shape[1:]).mean(1)   # (groups, images, C)
+        accuracy = (p.argmax(-1) == y).float().mean(1)               # (groups,)
+        std = accuracy.std().item() if groups > 1 else 0.0
+        r["ensemble"][str(m)] = dict(mean=accuracy.mean().item(), std=std, draws=groups)
+        log_p = p.clamp_min(1e-12).log().flatten(0, 1)               # (groups * images, C)
+        r["nll"][str(m)] = F.nll_loss(log_p, y.repeat(groups)).item()
+        r["ece"][str(m)] = calibration_error(p, y).mean().item()
+    return r
+
+def calibration_error(p, y, bins=15):
+    """ECE (Guo et al., 2017) of each ensemble's softmax p (groups, images, C): the images fall
+    into 15 equal bins of confidence max_c p; sum over bins of |accuracy - confidence| x share."""
+    confidence, predicted = p.max(-1)                                # (groups, images)
+    gap = confidence - (predicted == y).float()                      # per image
+    bin_of = (confidence * bins).long().clamp_max(bins - 1)          # 0 .. bins-1
+    per_bin = torch.zeros(len(p), bins, device=p.device).scatter_add_(1, bin_of, gap)
+    return per_bin.abs().sum(1) / len(y)                             # (groups,)
+
+@torch.no_grad()
+def diversity(model, net, x, n_networks=100, n_predicting=20):
+    """Fig. 7: std / mean over n networks of each layer's weight norm; row 28: disagreement on x."""
+    with seeded(EVAL_SEED, x.device), evaluation_mode(model):
+        theta = model.sample(n_networks)
+        norms = [w.flatten(1).float().norm(dim=1) for w, _ in theta]   # (n,) a layer
+        rsd = [(norm.std() / norm.mean()).item() for norm in norms]
+        first = [(w[:n_predicting], b[:n_predicting]) for w, b in theta]
+        probs = predict(net, first, x)
+    return dict(weight_norm_rsd=rsd, weight_norm_rsd_mean=sum(rsd) / len(rsd),
+                disagreement=disagreement(probs))
+
+PAPER_TABLE2 = {  # HyperGAN's rows of the paper's Table 2 (PAPER.md 5.1), accuracy %
+    "mnist": {"1": "98.64 ± .3", "5": "98.75 ± .3", "10": "99.22 ± .09", "100": "99.31 ± .02"},
+    "mnist5000": {"1": "96.69 ± .3", "5": "97.24 ± .14", "10": "97.33 ± .1", "100": "97.71 ± .05"},
+    "cifar5": {"1": "84.50 ± .6", "5": "85.51 ± .2", "10": "85.54 ± .2", "100": "85.81 ± .02"},
+    "cifar10": {"1": "76.32 ± .3", "5": "76.84 ± .1", "10": "77.52 ± .09", "100": "77.71 ± .03"},
+}
+
+def test_results(cfg, model, net, data, state):
+    """Table 2 on the test set, printed beside the paper's rows, and results for a program."""
+    start = time.perf_counter()
+    report = progress("test evaluation, networks", cfg.eval_networks)
+    probs = sample_probs(model, net, data.test.x, cfg.eval_networks, report)   # (n, images, C)
+    r = evaluate(probs, data.test.y)
+    eval_seconds = time.perf_counter() - start
+    print(f"\ntest set, {len(probs)} networks ({eval_seconds:.1f} s); pairwise disagreement "
+          f"{100 * (r['disagreement'] or 0):.2f} %\n networks | accuracy % (std) |    NLL |"
+          "    ECE | paper")
+    paper = PAPER_TABLE2.get(cfg.dataset, {})
+    for m, e in r["ensemble"].items():     # std: over single networks for size 1, else over groups
+        ours = "" if e is None else (f"{100 * e['mean']:8.2f} ± {100 * e['std']:.2f} | "
+                                     f"{r['nll'][m]:.4f}  | {r['ece'][m]:.4f}")
+        print(f"{m:>9} | {ours:34s} | {paper.get(m, '-')}")
+    e100 = r["ensemble"]["100"]
+    images_a_step = cfg.networks_per_step * cfg.images_per_network
+    return dict(dataset=cfg.dataset, method=cfg.method, config=vars(cfg),
+                checkpoint=cfg.checkpoint or None, nll=r["nll"], ece=r["ece"],
+                disagreement=r["disagreement"],
+                accuracy=dict(single_mean=r["single_mean"], single_std=r["single_std"],
+                              ensemble=r["ensemble"]),
+                ensemble_gain=e100 and e100["mean"] - r["single_mean"],
+                train_seconds=state.seconds, steps_per_second=state.steps / state.seconds,
+                networks_x_images_per_second=state.steps * images_a_step / state.seconds,
+                seconds_per_epoch=state.seconds / len(state.history), eval_seconds=eval_seconds,
+                warning=state.history[-1].get("warning"),      # not_learning at the last epoch
+                history=state.history, paper=PAPER_TABLE2.get(cfg.dataset))
+
+# 10. Uncertainty (PAPER.md 5.3, 5.4): OOD and adversarial detection by the entropy of 10 networks
+def entropy(p):                                     # in nats, over the last axis
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+def auroc(neg, pos):
+    """P(a random positive scores above a random negative), ties 1/2: Mann-Whitney U."""
+    scores = torch.cat([neg, pos]).double().cpu()
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]          # 1-based; ties share
+    u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2
+    return (u / (len(neg) * len(pos))).item()
+
+def fpr_at_95_tpr(neg, pos):
+    """The share of negatives flagged (score >= t) at the highest t that flags 95 % of positives."""
+    threshold = pos.sort(descending=True).values[math.ceil(0.95 * len(pos)) - 1]
+    return (neg >= threshold).float().mean().item()
+
+def detection(neg_probs, pos_probs):
+    """Detection by the entropy of the mean softmax; ecdf: its quantiles (the paper's plot)."""
+    e_in, e_out = entropy(neg_probs), entropy(pos_probs)
+    q = torch.linspace(0, 1, 101, device=neg_probs.device)
+    ecdf = dict(quantiles=q.tolist(), entropy_in=e_in.quantile(q).tolist(),
+                entropy_out=e_out.quantile(q).tolist())
+    return dict(auroc=auroc(e_in, e_out), fpr95=fpr_at_95_tpr(e_in, e_out),
+                entropy_in_mean=e_in.mean().item(), entropy_out_mean=e_out.mean().item(),
+                n_in=len(e_in), n_out=len(e_out), ecdf=ecdf)
+
+def ensemble_log_probs(net, theta, x):
+    """log of the M networks' mean softmax (B, classes), differentiable in x."""
+    logits = functional_forward(net, theta, x, shared=True)          # (M, B, classes)
+    log_p = logits.float().log_softmax(-1)
+    return torch.logsumexp(log_p, 0) - math.log(len(log_p))
+
+@torch.no_grad()
+def ensemble_probs(net, theta, x, chunk=200):
+    """The ensemble's mean softmax (B, classes), 200 images at a time."""
+    return torch.cat([ensemble_log_probs(net, theta, x[i:i + chunk]).exp()
+                      for i in range(0, len(x), chunk)])
+
+def attack(net, theta, x, y, eps, steps, data, generator=None, resample=None):
+    """White-box L-inf attack, in [0, 1] pixels, on the ensemble's NLL: each step moves the pixels
+    by alpha along the gradient's sign, then clips to the eps-ball and to [0, 1]. steps 1: FGSM;
+    more: PGD from a random start, alpha 2.5 eps / steps. resample(n): n new networks at every
+    step, in place of theta. Deviation (row 26): the official code ran foolbox on one network."""
+    pixels = x * data.std + data.mean                               # back to [0, 1]
+    adv, alpha = pixels.clone(), eps
+    if steps > 1:
+        noise = torch.rand(pixels.shape, device=x.device, generator=generator) * 2 - 1
+        adv, alpha = (pixels + eps * noise).clamp(0, 1), 2.5 * eps / steps
+    for _ in range(steps):
+        members = theta if resample is None else resample(len(theta[0][0]))
+        adv.requires_grad_(True)
+        log_probs = ensemble_log_probs(net, members, (adv - data.mean) / data.std)
+        gradient = torch.autograd.grad(F.nll_loss(log_probs, y), adv)[0]
+        adv = adv.detach() + alpha * gradient.sign()
+        adv = torch.min(torch.max(adv, pixels - eps), pixels + eps).clamp(0, 1)
+    return (adv - data.mean) / data.std
+
+def attack_scores(clean, p_adv, y):
+    """Accuracy under an attack, the share of right answers it flips, their detection (row 27)."""
+    correct = clean.argmax(-1) == y
+    flipped = correct & (p_adv.argmax(-1) != y)
+    r = dict(accuracy=(p_adv.argmax(-1) == y).float().mean().item(), auroc=None, fpr95=None,
+             success_rate=(flipped.sum() / correct.sum().clamp(1)).item())
+    if flipped.any():
+        d = detection(clean[correct], p_adv[flipped])
+        r.update(auroc=d["auroc"], fpr95=d["fpr95"])
+    return r
+
+def adversarial_evaluation(net, theta, data, resample=None):
+    """FGSM and PGD on theta; resample: PGD on new networks every step (official HyperBIM)."""
+    x, y = data.test.x[:ADV_IMAGES], data.test.y[:ADV_IMAGES]
+    starts = torch.Generator(x.device).manual_seed(EVAL_SEED + 2)      # PGD's random starts
+    clean = ensemble_probs(net, theta, x)
+    accuracy = (clean.argmax(-1) == y).float().mean().item()
+    result = dict(networks=len(theta[0][0]), images=len(x), clean_accuracy=accuracy)
+    attacks = dict(fgsm=(1, None), pgd=(PGD_STEPS, None))
+    if resample is not None:                        # new networks, with noise of their own
+        attacks["pgd_fresh"] = (PGD_STEPS, resample)
+    steps_in_all = sum(steps for steps, _ in attacks.values()) * len(EPSILONS)
+    report = progress("attacks", steps_in_all * math.ceil(len(x) / 100))
+    for name, (steps, fresh) in attacks.items():
+        result[name], cells = {}, []
+        with seeded(EVAL_SEED + 1, x.device) if fresh else contextlib.nullcontext():
+            for eps in EPSILONS:
+                adv = [attack(net, theta, x[i:i + 100], y[i:i + 100], eps, steps, data, starts,
+                              fresh) for i in range(0, len(x), 100)]     # 100 images at a time
+                report(steps * len(adv))
+                r = attack_scores(clean, ensemble_probs(net, theta, torch.cat(adv)), y)
+                result[name][str(eps)] = r
+                detected = "  -  " if r["auroc"] is None else f"{r['auroc']:.3f}"
+                cells.append(f"eps {eps}: acc {100 * r['accuracy']:5.1f} % auroc {detected}")
+        print(f"  {name:9s} " + "  ".join(cells), flush=True)
+    return result
+
+def uncertainty_evaluation(cfg, model, net, data):
+    """OOD detection and, with --adversarial, the attacks, by one ensemble (rows 22-24)."""
+    out = {}
+    if cfg.ood:
+        out["ood"] = {name: dict(skipped=why) for name, why in data.ood_skipped.items()}
+    with seeded(EVAL_SEED, data.test.x.device):     # the networks, and MC dropout's masks
+        model.eval()
+        with torch.no_grad():                       # the baselines' sample keeps the graph
+            theta = model.sample(UQ_NETWORKS)
+        if cfg.ood:
+            p_in = ensemble_probs(net, theta, data.test.x)
+        for name, x_ood in data.ood.items():
+            r = detection(p_in, ensemble_probs(net, theta, x_ood))
+            out["ood"][name] = dict(r, networks=len(theta[0][0]))
+            print(f"ood {name:12s} AUROC {r['auroc']:.4f}  FPR at 95 % TPR {r['fpr95']:.4f}  mean "
+                  f"entropy in {r['entropy_in_mean']:.3f} / out {r['entropy_out_mean']:.3f}")
+        if cfg.adversarial:
+            resample = model.sample if isinstance(model, HyperGAN) else None
+            out["adversarial"] = adversarial_evaluation(net, theta, data, resample)
+    return out
+
+# 11. The 1D toy (PAPER.md 5.5): networks fit to 20 points agree on them, spread apart elsewhere
+def run_toy(cfg, device):
+    """Fit y = x^3 + N(0, 3^2) at 20 points in [-4, 4] (official V1; Deviation (row 30): with D)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.rand(18, generator=g) * 8 - 4, torch.tensor([-4.0, 4.0])])
+    y = x.pow(3) + 3 * torch.randn(20, generator=g)
+    x, y = x.unsqueeze(1).to(device), y.to(device)                   # (20, 1), (20,)
+    # Deviation (row 30): targets divided by their std (about 40): an MSE of order 1, as a CE
+    scale = y.std()
+    start = time.perf_counter()
+    net, model, D = build(cfg, "toy", 1, device)
+    opt = make_optimizers(model, D, cfg, cfg.epochs)
+    if cfg.mixer:
+        pretrain_mixer(model)
+    K = cfg.networks_per_step
+    inputs, targets = x.expand(K, 20, 1), (y / scale).expand(K, 20)  # all 20 points, K times
+    for step in range(1, cfg.epochs + 1):
+        stats = hypergan_step(model, D, net, opt, inputs, targets, cfg.beta, regression_loss)
+        opt.schedule.step()
+        if step % max(1, cfg.epochs // 5) == 0:
+            eta = (time.perf_counter() - start) * (cfg.epochs / step - 1)
+            print(f"toy: step {step:5d}, MSE {stats[0]:.4f}, ETA {eta:.0f} s", flush=True)
+    seconds = time.perf_counter() - start
+    grid = torch.linspace(-6, 6, 241, device=device).unsqueeze(1)   # (241, 1)
+    with torch.no_grad(), seeded(EVAL_SEED, device):
+        theta = model.eval().sample(100)
+        pred = functional_forward(net, theta, torch.cat([grid, x]), shared=True)
+    pred = pred.squeeze(-1) * scale                                  # (100, 241 + 20)
+    on_grid, on_data = pred.split([len(grid), len(x)], dim=1)
+    std, inside = on_grid.std(0), grid.squeeze(1).abs() <= 4
+    toy = dict(networks=len(pred), x=grid.squeeze(1).tolist(), std=std.tolist(),
+               mean=on_grid.mean(0).tolist(), train_x=x.squeeze(1).tolist(),
+               train_y=y.tolist(), train_mse=(on_data.mean(0) - y).pow(2).mean().item(),
+               spread_inside=std[inside].mean().item(),
+               spread_outside=std[~inside].mean().item())
+    print(f"toy: {seconds:.1f} s; MSE of the 100-network mean on the 20 points "
+          f"{toy['train_mse']:.2f} (noise variance 9); spread inside [-4, 4] "
+          f"{toy['spread_inside']:.2f}, outside {toy['spread_outside']:.2f}")
+    results = dict(dataset="toy", config=vars(cfg), train_seconds=seconds, toy=toy)
+    write_results(cfg, results)
+    return results
+
+# 12. Files: only into an --out-dir free of other runs' files, each via a renamed temporary file ==
+# The guards of a user's files, together: paths checked first, never half a file, exact resume.
+OUTPUTS = ("checkpoint.pt", "best.pt", "results.json", "diversity.png", "entropy_cdf.png",
+           "toy.png")
+ARCH_OPTIONS = ("dataset", "method", "hidden", "mixer")         # must match to load a checkpoint
+TRAINING_OPTIONS = ("seed", "networks_per_step", "images_per_network", "shift", "init_spread",
+                    "lr", "lr_spread", "lr_d", "beta", "repulsion")   # must match, to resume
+
+def check_paths(cfg):
+    """Every check of files and folders, made before any long work."""
+    if cfg.eval_only != bool(cfg.checkpoint) or (cfg.resume and cfg.eval_only):
+        raise UserError("--checkpoint and --eval-only go together; to continue a run, pass its "
+                        "--out-dir and --resume")
+    image_options = cfg.resume or cfg.eval_only or cfg.ood or cfg.adversarial or cfg.export
+    if cfg.dataset == "toy" and (image_options or cfg.method != "hypergan"):
+        raise UserError("--dataset toy trains HyperGAN on 20 points: --method, --resume, "
+                        "--eval-only, --ood, --adversarial and --export are for image data sets")
+    taken = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out_dir, name))]
+    if cfg.resume and "checkpoint.pt" not in taken:
+        raise UserError(f"--resume: there is no checkpoint.pt in --out-dir {cfg.out_dir!r}")
+    if taken and not cfg.resume:
+        advice = "" if cfg.eval_only else ", or --resume to continue that run"
+        raise UserError(f"--out-dir {cfg.out_dir!r} already holds {', '.join(taken)} of another "
+                        f"run; pass a new --out-dir{advice}")
+    folders = {"--out-dir": cfg.out_dir}
+    if cfg.export:
+        folders["--export PATH"] = cfg.export[1]
+    for option, folder in folders.items():
+        probe = os.path.join(folder, ".write_test.tmp")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"{option} {folder!r} is not a writable folder ({e!r:.100})")
+    if cfg.export and any(name.startswith("net_") for name in os.listdir(cfg.export[1])):
+        raise UserError(f"--export PATH {cfg.export[1]!r} already holds exported networks; "
+                        "pass a new folder")
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name to write `path` under, renamed to `path` once the block has written it:
+    never half a file. A failed write is a UserError; the older file is kept."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:       # torch.save reports a full disk as a RuntimeError
+        raise UserError(f"could not write {path!r} ({e!r:.80}); older files are kept: once there "
+                        "is room, --resume continues the run from its last checkpoint") from None
+    finally:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+
+def save_checkpoint(path, cfg, model, D, opt, state):
+    rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    ckpt = dict(format=CHECKPOINT_FORMAT, config=vars(cfg), model=model.state_dict(),
+                D=D and D.state_dict(), opt_g=opt.g.state_dict(), opt_d=D and opt.d.state_dict(),
+                sched=opt.schedule.state_dict(), rng_cpu=torch.get_rng_state(),
+                rng_cuda=rng_cuda, **dataclasses.asdict(state))
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+def load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        version = ckpt["format"]                 # fails on anything but a checkpoint's dict
+    except Exception as e:
+        raise UserError(f"{path!r} is not a readable HyperGAN checkpoint ({e!r:.100})")
+    if version != CHECKPOINT_FORMAT:
+        raise UserError(f"{path!r} has checkpoint format {version}, this file reads "
+                        f"{CHECKPOINT_FORMAT}")
+    return ckpt
+
+def restore(ckpt, path, cfg, model, D, opt, state, resume):
+    """Loads weights and state; to resume also optimizers and random state, at the same options."""
+    for key in ARCH_OPTIONS + (TRAINING_OPTIONS if resume else ()):
+        trained_with = ckpt["config"].get(key)
+        if trained_with != getattr(cfg, key):
+            raise UserError(f"{path!r} was trained with --{key.replace('_', '-')} {trained_with}, "
+                            f"this run has {getattr(cfg, key)}")
+    modules = {"model": model, "D": D}
+    if resume:
+        modules.update(opt_g=opt.g, opt_d=opt.d, sched=opt.schedule)
+    try:
+        for key, module in modules.items():
+            if module is not None:
+                module.load_state_dict(ckpt[key])
+        vars(state).update({key: ckpt[key] for key in vars(state)})   # epoch, steps, ...
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{path!r} does not match this model ({e!r:.100})")
+    if resume:
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if ckpt["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"][:torch.cuda.device_count()])
+
+def export_networks(model, arch, num_classes, n, path):
+    """path/net_000.pt, ...: state_dicts of TARGETS[arch](num_classes); returns how many."""
+    names = [name for name, _ in TARGETS[arch](num_classes).named_parameters()]
+    with torch.no_grad(), seeded(EVAL_SEED, next(model.parameters()).device):
+        theta = model.eval().sample(n)
+    tensors = [t for pair in theta for t in pair]           # in the order of named_parameters
+    for k in range(len(tensors[0])):
+        state_dict = {name: t[k].float().cpu().clone() for name, t in zip(names, tensors)}
+        with atomic_path(os.path.join(path, f"net_{k:03d}.pt")) as tmp:
+            torch.save(state_dict, tmp)
+    return len(tensors[0])
+
+def write_results(cfg, results):
+    """results.json, then the PNG figures that the results allow."""
+    path = os.path.join(cfg.out_dir, "results.json")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    if not cfg.figures:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")                                        # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("figures: skipped, matplotlib is not installed")
+        return
+    ood = {name: r["ecdf"] for name, r in results.get("ood", {}).items() if "ecdf" in r}
+    figures = dict(diversity=(diversity_figure, results.get("history")),
+                   entropy_cdf=(entropy_figure, ood), toy=(toy_figure, results.get("toy")))
+    for name, (draw, drawn) in figures.items():
+        if not drawn:                              # the results hold nothing for this figure
+            continue
+        fig, ax = plt.subplots(figsize=(5, 4))
+        draw(ax, cfg.method, drawn)
+        png = os.path.join(cfg.out_dir, f"{name}.png")
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        print(f"figure: {png}")
+
+def diversity_figure(ax, method, history):
+    """Fig. 7: the weight norms' spread over the epochs (the disagreement: the epoch lines)."""
+    epochs = [e["epoch"] for e in history]
+    ax.plot(epochs, [e["diversity"]["weight_norm_rsd_mean"] for e in history], marker=".")
+    ax.set(xlabel="epoch", title=f"{method}: std / mean of the weights' L2 norms (Fig. 7)")
+
+def entropy_figure(ax, method, ood):
+    """The paper's entropy CDFs: the test images against each OOD set (name -> ecdf)."""
+    for name, ecdf in ood.items():
+        ax.plot(ecdf["entropy_out"], ecdf["quantiles"], label=name)
+    ax.plot(ecdf["entropy_in"], ecdf["quantiles"], "k--", label="test (in distribution)")
+    ax.set(xlabel="entropy of the mean softmax (nats)", title=f"{method}: fraction of inputs")
+    ax.legend()
+
+def toy_figure(ax, method, toy):
+    """The networks' predictive spread on the 1D toy."""
+    mean, std = torch.tensor(toy["mean"]), torch.tensor(toy["std"])
+    ax.fill_between(toy["x"], mean - 2 * std, mean + 2 * std, alpha=0.3)
+    ax.plot(toy["x"], toy["mean"], "-", toy["x"], [v**3 for v in toy["x"]], "k--")
+    ax.plot(toy["train_x"], toy["train_y"], "k.")
+    title = f"1D toy, {method}: mean ± 2 std, x³ (dashed), data"
+    ax.set(xlabel="x", ylim=(-250, 250), title=title)
+
+def peak_memory_mb(device):
+    """The GPU allocator's peak, or the process's peak resident memory (Linux: KiB, macOS: B)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    if sys.platform == "win32":                          # no `resource` module there
+        return None
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+# 13. The command line and main: check the input, load the data, train, evaluate, write ==========
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see --help)")   # one line instead of argparse's usage block
@@ -97,7 +1155,8 @@ def number(kind, low, high):
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"must be a number from {low} to {high}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be a number from {low} to {high}, "
+                                             f"got {text!r}")
         return value
     return parse
 
@@ -174,976 +1233,6 @@ def parse_args(argv=None):
         cfg.export = [int(count), folder]
     return cfg
 
-def progress(name, total, every=10.0):
-    """A callback for a long phase: report(n), n more done, prints 'name: done/total, s, ETA'."""
-    start = last = time.perf_counter()
-    done = 0
-
-    def report(n):
-        nonlocal last, done
-        done += n
-        now = time.perf_counter()
-        if now - last >= every and done < total:
-            last = now
-            eta = (now - start) * (total / done - 1)
-            print(f"  {name}: {done}/{total}, {now - start:.0f} s, ETA {eta:.0f} s", flush=True)
-    return report
-
-@contextlib.contextmanager
-def seeded(seed, device):
-    """Torch's generators from `seed` inside, restored after: the same networks each time."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-# 2. Data: each split one tensor on the device; batches by indexing; augmentation in batch ====
-MEAN_STD = dict(mnist=((0.1307,), (0.3081,)),                         # official code, both
-                cifar10=((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)))
-
-class Split(NamedTuple):
-    x: torch.Tensor        # normalised images (n, C, H, W)
-    y: torch.Tensor        # labels (n,)
-
-@dataclasses.dataclass
-class Data:
-    train: Split
-    val: Split             # held-out training images: they pick the best epoch (row 10)
-    test: Split
-    num_classes: int
-    arch: str              # the target network: "small" (MNIST-shaped) or "mednet" (CIFAR-shaped)
-    flip: bool             # augmentation mirrors half the images (CIFAR)
-    mean: torch.Tensor     # (C, 1, 1): pixels in [0, 1] are normalised as (pixels - mean) / std
-    std: torch.Tensor
-    black: torch.Tensor    # (C, 1, 1): a black pixel, normalised: the border of a shifted image
-    ood: dict              # OOD set name -> normalised images, or why it was skipped
-
-def normalise(pixels, mean, std):
-    return (pixels.to(mean.device) - mean) / std
-
-def synthetic_split(shape, n, seed):
-    """Offline stand-in data (row 31): a class's fixed pattern, moved up to 2 pixels, plus noise."""
-    C, H, W = shape
-    coarse = torch.randn(10, C, H // 4, W // 4, generator=torch.Generator().manual_seed(0))
-    patterns = F.interpolate(coarse, size=(H, W), mode="bilinear")     # the same in every split
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(10, (n,), generator=g)
-    moves = torch.randint(-2, 3, (2, n), generator=g)
-    x = torch.stack([torch.roll(patterns[c], shifts=(int(dy), int(dx)), dims=(1, 2))
-                     for c, dy, dx in zip(y.tolist(), *moves)])        # (n, C, H, W)
-    noisy = (x + 0.8 * torch.randn(n, C, H, W, generator=g)) / 6 + 0.5
-    return noisy.clamp(0, 1), y
-
-def torchvision_split(name, root, train, download):
-    """Pixels (n, C, H, W) in [0, 1] and labels of a torchvision set; a failure is a UserError."""
-    import torchvision.datasets
-    dataset_class = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.CIFAR10
-    try:
-        ds = dataset_class(root, train=train, download=download)
-        x, y = torch.as_tensor(ds.data), torch.as_tensor(ds.targets)
-        x = x.unsqueeze(1) if name == "mnist" else x.permute(0, 3, 1, 2)   # (n, C, H, W)
-        if len(x) != len(y) or len(x) == 0:
-            raise ValueError(f"{len(x)} images and {len(y)} labels")
-    except Exception as e:        # offline, a failed download, a corrupt or truncated file
-        hint = "check the network or the files" if download else "--no-download needs them there"
-        raise UserError(f"could not load {name} from {root!r} ({e!r:.100}); {hint}")
-    return x.float().div(255), y.long()
-
-def read_notmnist(root):
-    """notMNIST_small as unpacked, <root>/notMNIST_small/<letter>/*.png, or None (row 25)."""
-    from PIL import Image                             # installed with torchvision
-    images = []
-    for path in sorted(glob.glob(os.path.join(root, "notMNIST_small", "*", "*"))):
-        try:
-            gray = bytearray(Image.open(path).convert("L").tobytes())
-            image = torch.frombuffer(gray, dtype=torch.uint8).view(1, 28, 28)
-        except (OSError, RuntimeError):       # the archive holds a few unreadable files
-            continue
-        images.append(image.float() / 255)
-    return torch.stack(images) if images else None
-
-def load_ood(name, cfg, shape, other_classes, n_test):
-    """Pixels in [0, 1] of OOD set `name`, or None if notMNIST is absent; other_classes: the
-    test images of classes 5-9, which a model trained on 0-4 has never seen."""
-    home = {"mnist5-9": "mnist0-4", "cifar5-9": "cifar5"}.get(name, cfg.dataset)
-    if home != cfg.dataset:
-        raise UserError(f"--ood {name} needs --dataset {home}")
-    if name == "notmnist" and shape != (1, 28, 28):
-        raise UserError(f"--ood notmnist holds (1, 28, 28) images, --dataset {cfg.dataset} has "
-                        f"{shape}")
-    if name == "notmnist":
-        return read_notmnist(cfg.data_root)
-    if name == "noise":                      # uniform random pixels, as many as the test set
-        return torch.rand(n_test, *shape, generator=torch.Generator().manual_seed(3))
-    return other_classes
-
-def load_data(cfg, device):
-    """The splits and the OOD sets, all loaded before training: a missing set fails in seconds."""
-    if cfg.dataset.startswith("synthetic"):
-        shape = (1, 28, 28) if cfg.dataset == "synthetic-mnist" else (3, 32, 32)
-        x, y = synthetic_split(shape, cfg.synthetic_size, seed=1)
-        x_test, y_test = synthetic_split(shape, max(1024, cfg.synthetic_size // 5), seed=2)
-        mean, std = (0.5,) * shape[0], (1 / 6,) * shape[0]
-        val_size = 512
-    else:
-        base = "mnist" if cfg.dataset.startswith("mnist") else "cifar10"
-        x, y = torchvision_split(base, cfg.data_root, True, cfg.download)
-        x_test, y_test = torchvision_split(base, cfg.data_root, False, cfg.download)
-        mean, std = MEAN_STD[base]
-        val_size = VAL_SIZE
-    other_classes = x_test[y_test >= 5]
-    num_classes = 10
-    if cfg.dataset in ("cifar5", "mnist0-4"):         # CIFAR-5: the first five classes (row 19)
-        x, y = x[y < 5], y[y < 5]
-        x_test, y_test = x_test[y_test < 5], y_test[y_test < 5]
-        num_classes = 5
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    val, train = order[:val_size], order[val_size:]
-    if cfg.dataset == "mnist5000":                    # Deviation (row 11): a fixed subset
-        train = train[:5000]
-    mean = torch.tensor(mean).view(-1, 1, 1).to(device)         # (C, 1, 1)
-    std = torch.tensor(std).view(-1, 1, 1).to(device)
-    ood = {}
-    for name in cfg.ood:
-        pixels = load_ood(name, cfg, tuple(x_test.shape[1:]), other_classes, len(x_test))
-        if pixels is None:                             # only notMNIST is optional
-            ood[name] = f"no readable images in {cfg.data_root}/notMNIST_small"
-            print(f"ood {name}: skipped, {ood[name]} (unpack notMNIST_small.tar.gz there)")
-        else:
-            ood[name] = normalise(pixels, mean, std)
-    return Data(train=Split(normalise(x[train], mean, std), y[train].to(device)),
-                val=Split(normalise(x[val], mean, std), y[val].to(device)),
-                test=Split(normalise(x_test, mean, std), y_test.to(device)),
-                num_classes=num_classes, arch="small" if x.shape[1] == 1 else "mednet",
-                flip=x.shape[1] == 3, mean=mean, std=std,
-                black=normalise(torch.zeros(1, 1, 1), mean, std), ood=ood)
-
-def augment_batch(x, black, shift, flip, generator=None):
-    """Images x (B, C, H, W), each moved up to `shift` pixels on black; flip: half mirrored."""
-    B, C, H, W = x.shape
-    padded = F.pad(x - black, (shift,) * 4) + black           # (B, C, H + 2 shift, W + 2 shift)
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, B, 1), device=x.device, generator=generator)
-    rows = (dy + torch.arange(H, device=x.device))[:, None, :, None]   # (B, 1, H, 1): image k's
-    cols = (dx + torch.arange(W, device=x.device))[:, None, None, :]   # (B, 1, 1, W): window
-    x = padded.gather(2, rows.expand(B, C, H, W + 2 * shift))          # (B, C, H, W + 2 shift)
-    x = x.gather(3, cols.expand(B, C, H, W))                           # (B, C, H, W)
-    if flip:
-        mirrored = torch.rand(B, 1, 1, 1, device=x.device, generator=generator) < 0.5
-        x = torch.where(mirrored, x.flip(-1), x)
-    return x
-
-# 3. Target networks F(x; theta) (PAPER.md 3): plain nn.Sequential; functional_forward runs K =====
-def small_net(num_classes=10, dropout=0.0):
-    """MNIST target (official); p > 0: MC dropout. Deviation (row 14, exact): pooling first."""
-    drop = [nn.Dropout(dropout)] if dropout else []
-    return nn.Sequential(nn.Conv2d(1, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,
-                         nn.Conv2d(32, 32, 5), nn.MaxPool2d(2), nn.LeakyReLU(0.01), *drop,
-                         nn.Flatten(), nn.Linear(512, num_classes))   # (B, 32, 4, 4) -> (B, 512)
-
-def mednet(num_classes=10, dropout=0.0):
-    """CIFAR target, Deviation (row 18): the 2019 code's 'mednet', conv 32/64/64, 256-128 (V1:
-    16/32/32, 128-64), whose baselines come nearest the paper's."""
-    drop = [nn.Dropout(dropout)] if dropout else []
-    return nn.Sequential(nn.Conv2d(3, 32, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 32, 15, 15)
-                         nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 64, 6, 6)
-                         nn.Conv2d(64, 64, 3), nn.MaxPool2d(2), nn.ReLU(), *drop,  # (B, 64, 2, 2)
-                         nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), *drop,
-                         nn.Linear(128, num_classes))
-
-def toy_net(num_classes=1, dropout=0.0):                 # the 1D toy's target (official V1)
-    drop = [nn.Dropout(dropout)] if dropout else []
-    return nn.Sequential(nn.Linear(1, 200), nn.ELU(), *drop, nn.Linear(200, 1))
-
-TARGETS = {"small": small_net, "mednet": mednet, "toy": toy_net}
-
-def param_layers(net):
-    """The layers with parameters, in order: layer i gets generator G_i."""
-    return [layer for layer in net if isinstance(layer, (nn.Conv2d, nn.Linear))]
-
-# theta, the parameters of K networks: [(weight (K, *shape), bias (K, out)) for each layer]. Each
-# method of Table 2 here (HyperGAN, standard ensemble, MC dropout) is an nn.Module with sample(n),
-# theta of n networks to evaluate, any noise from torch's global generator (`seeded` seeds it);
-# the standard ensemble gives at most its members. A baseline's sample(K) is what a step trains.
-def functional_forward(net, theta, x):
-    """F(x; theta) for K networks at once. x: (K, B, C, H, W), network k on its images x[k], or
-    (B, C, H, W) shared by all; returns (K, B, outputs); dropout stays on (MC dropout). The K
-    networks' maps sit side by side, (B, K*C, H, W): a convolution with groups=K applies network
-    k's filters to block k. The same as a loop over k of `net` holding theta[k] (tested)."""
-    K = len(theta[0][0])
-    params = iter(theta)
-    h = x
-    stacked = x.dim() == 5                        # each network has its own maps
-    if stacked:
-        h = x.transpose(0, 1).flatten(1, 2)       # (K, B, C, H, W) -> (B, K*C, H, W)
-        # Speed: channels-last, the layout that a CPU's convolution and pooling read fastest
-        # (plain: leave the line out); paper_notes.md, "Speed"
-        h = h.contiguous(memory_format=torch.channels_last)
-    for layer in net:
-        if isinstance(layer, nn.Conv2d):
-            weight, bias = next(params)                           # (K, O, C, kh, kw), (K, O)
-            if stacked:
-                h = F.conv2d(h, weight.flatten(0, 1), bias.flatten(), layer.stride,
-                             layer.padding, groups=K)             # (B, K*O, H', W')
-            else:
-                h = shared_input_conv(h, weight, bias)            # (B, K*O, H', W')
-                stacked = True
-        elif isinstance(layer, nn.Flatten):
-            h = h.unflatten(1, (K, -1)).flatten(2).transpose(0, 1)    # (K, B, C*H*W)
-        elif isinstance(layer, nn.Linear):
-            weight, bias = next(params)                           # (K, O, I), (K, O)
-            if h.dim() == 2:
-                h = h.expand(K, *h.shape)                         # a shared input: (K, B, I)
-            h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))   # (K, B, O)
-        elif isinstance(layer, nn.Dropout):
-            h = F.dropout(h, layer.p, training=True)              # on at test time too
-        else:
-            h = layer(h)                                          # activation or pooling
-    return h
-
-def shared_input_conv(h, weight, bias):
-    """K convolutions (stride 1, no padding) of one input h (B, C, H, W) -> (B, K*O, H', W').
-    Speed: plainly F.conv2d(h.repeat(1, K, 1, 1), weight.flatten(0, 1), bias.flatten(),
-    groups=K); one matrix product of h's patches with all K*O filters makes evaluation 2.5 to 4
-    times as fast on a CPU (paper_notes.md, "Speed")."""
-    B, C, H, W = h.shape
-    kh, kw = weight.shape[-2:]
-    patches = F.unfold(h, (kh, kw)).transpose(1, 2).flatten(0, 1)     # (B*H'*W', C*kh*kw)
-    filters = weight.flatten(0, 1).flatten(1).t()                     # (C*kh*kw, K*O)
-    out = torch.addmm(bias.flatten(), patches, filters)               # (B*H'*W', K*O)
-    out = out.view(B, H - kh + 1, W - kw + 1, -1)                     # (B, H', W', K*O)
-    return out.permute(0, 3, 1, 2)                                    # (B, K*O, H', W')
-
-# 4. The hypernetwork (Fig. 1; PAPER.md 1.1, 2): the mixer Q, the generators G_i, and D ==========
-def hidden_layers(sizes, activation, batchnorm=True):
-    """Linear, BatchNorm (optional) and the activation, for each consecutive pair of sizes."""
-    layers = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        norm = [nn.BatchNorm1d(n_out)] if batchnorm else []
-        layers += [nn.Linear(n_in, n_out), *norm, activation()]
-    return layers
-
-class ScaledLinear(nn.Linear):
-    """G_i's output layer, Deviation (row 3): theta_i = bias + scale * (W h), scale = 1/sqrt(fan_in)
-    of layer i; bias starts as layer i's init (the mean network), W at init_spread x its own."""
-    def __init__(self, n_in, layer, init_spread):
-        super().__init__(n_in, layer.weight.numel() + layer.bias.numel())
-        self.scale = 1 / math.sqrt(layer.weight[0].numel())                # 1 / sqrt(fan_in)
-        with torch.no_grad():
-            self.bias.copy_(torch.cat([layer.weight.flatten(), layer.bias]))
-            self.weight.mul_(init_spread)
-
-    def forward(self, h):
-        return F.linear(h, self.weight) * self.scale + self.bias
-
-class HyperGAN(nn.Module):
-    """The mixer Q and the generators G_i of Fig. 1, for the target network `net` (initialised).
-    Q: s (K, S_DIM) -> z (K, N * d), Linear-BN-ReLU x 2, Linear (official code; Deviation
-    (row 15): no N(0, 0.01^2) noise added to s). G_i: z_i (K, d) -> theta_i, Linear-BN-ELU x 2,
-    ScaledLinear (2019 code). Deviation (row 2): G_i gives layer i's bias too (2019 code)."""
-    def __init__(self, net, hidden=256, init_spread=0.1, mixer=True):
-        super().__init__()
-        layers = param_layers(net)
-        self.shapes = [(layer.weight.shape, layer.bias.shape) for layer in layers]
-        N = len(layers)
-        self.s_dim = S_DIM if mixer else N * Z_DIM   # no mixer (Fig. 7, row 29): s is the codes
-        self.Q = nn.Identity()
-        if mixer:
-            self.Q = nn.Sequential(*hidden_layers([S_DIM, hidden, hidden], nn.ReLU),
-                                   nn.Linear(hidden, N * Z_DIM))
-        self.G = nn.ModuleList()
-        for layer in layers:
-            G_i = nn.Sequential(*hidden_layers([Z_DIM, hidden, hidden], nn.ELU),
-                                ScaledLinear(hidden, layer, init_spread))
-            self.G.append(G_i)
-
-    def sample_s(self, K):
-        return torch.randn(K, self.s_dim, device=self.G[0][0].weight.device)   # s ~ N(0, I)
-
-    def codes(self, s):
-        return self.Q(s).view(len(s), len(self.G), Z_DIM)              # z = Q(s): (K, N, d)
-
-    def generate(self, z):
-        """theta_i = G_i(z_i) for each layer i: [(weight (K, *shape), bias (K, out)), ...]."""
-        theta = []
-        for G_i, z_i, (w_shape, b_shape) in zip(self.G, z.unbind(1), self.shapes):
-            out = G_i(z_i)                                             # (K, |weight| + |bias|)
-            weight, bias = out.split([w_shape.numel(), b_shape.numel()], dim=1)
-            theta.append((weight.view(-1, *w_shape), bias))            # (K, *shape), (K, out)
-        return theta
-
-    @torch.no_grad()
-    def sample(self, n):
-        return self.generate(self.codes(self.sample_s(n)))              # n new networks
-
-def discriminator(hidden=256):
-    """D: a code z_i or a prior sample p_i (.., d) -> a logit l, D(.) = sigmoid(l); one for all."""
-    return nn.Sequential(*hidden_layers([Z_DIM, hidden, hidden], nn.ReLU, batchnorm=False),
-                         nn.Linear(hidden, 1))
-
-# 5. The objective (PAPER.md 1.2). D's logit l: log D = logsigmoid(l), log(1 - D) = logsigmoid(-l)
-def classification_loss(out, y):
-    """Eq. (1)'s loss: the cross-entropy of every network on its own images, averaged over the
-    K x b (row 8); and the accuracy. out: (K, b, classes); y: (K, b)."""
-    ce = F.cross_entropy(out.flatten(0, 1).float(), y.flatten())
-    accuracy = (out.argmax(-1) == y).float().mean()
-    return ce, accuracy
-
-def regression_loss(out, y):
-    """The 1D toy's loss in Eq. (1): the mean squared error; no accuracy. out: (K, b, 1)."""
-    mse = F.mse_loss(out.squeeze(-1).float(), y)
-    return mse, torch.zeros((), device=mse.device)
-
-def discriminator_loss(D, z, p):
-    """D minimises Eq. (3) as written (row 1): D(p_i) -> 1, D(z_i) -> 0. z, p: (K, N, d)."""
-    logit_p, logit_z = D(torch.cat([p, z])).squeeze(-1).chunk(2)   # (K, N) each, one call of D
-    # Eq. (3): Dist = -sum_i [ log D(p_i) + log(1 - D(z_i)) ], averaged over the K networks
-    return -(F.logsigmoid(logit_p) + F.logsigmoid(-logit_z)).sum(1).mean()
-
-def code_distance(D, z):
-    """Dist_z, the terms of Eq. (3) that depend on the codes: -sum_i log(1 - D(z_i)), averaged
-    over K. Eq. (2) subtracts it, so Q maximises it: it pushes D(z_i) up, to the prior's label."""
-    return -F.logsigmoid(-D(z).squeeze(-1)).sum(1).mean()
-
-def pretrain_mixer(model, steps=PRETRAIN_STEPS, batch=1000):
-    """Before training (official README: on), fit Q so that each code z_i has mean 0 and covariance
-    I on a batch. Deviation (row 16): those exact moments, not a sampled batch's."""
-    optimizer = torch.optim.Adam(model.Q.parameters(), lr=1e-3)
-    eye = torch.eye(Z_DIM, device=model.G[0][0].weight.device)
-    for _ in range(steps):
-        z = model.codes(model.sample_s(batch)).transpose(0, 1)          # (N, batch, d)
-        mean = z.mean(1)                                                # (N, d)
-        cov = (z - mean[:, None]).transpose(1, 2) @ (z - mean[:, None]) / (batch - 1)  # (N, d, d)
-        loss = mean.pow(2).mean() + (cov - eye).pow(2).mean()
-        descend(optimizer, loss)
-    return loss.item()
-
-def repulsion(logits):
-    """Beyond the paper (row 32; the authors' 2020 successor): the mean RBF kernel
-    exp(-|f_i - f_j|^2 / h) over pairs i != j of the K networks' logits f on one shared batch,
-    h = median |f_i - f_j|^2 / log K. It is small when the networks' functions differ."""
-    f = logits.float().flatten(1)                                       # (K, b * classes)
-    off_diagonal = ~torch.eye(len(f), dtype=torch.bool, device=f.device)
-    d2 = torch.cdist(f, f).pow(2)[off_diagonal]                         # (K * (K - 1),)
-    bandwidth = d2.median().detach() / math.log(len(f)) + 1e-8
-    return torch.exp(-d2 / bandwidth).mean()
-
-# 6. Training =====================================================================================
-STATS = ("ce", "d_loss", "q_adv", "D(p)", "D(z)", "acc")    # q_adv = -Dist_z, what Q minimises
-LIKELIHOOD_STATS = ("ce", "acc")
-
-class Optimizers(NamedTuple):
-    g: torch.optim.Optimizer          # Q and the G_i, or a baseline's networks
-    d: torch.optim.Optimizer          # D (None for the baselines)
-    schedule: torch.optim.lr_scheduler.LambdaLR
-
-@dataclasses.dataclass
-class TrainState:
-    """Where training stands; a checkpoint holds it beside the weights and the optimizers."""
-    epoch: int = 0                    # epochs finished
-    steps: int = 0
-    seconds: float = 0.0              # training and validation time
-    best_val: float = -1.0            # the best validation accuracy of one network so far
-    history: list = dataclasses.field(default_factory=list)    # one entry per epoch
-
-def mixed_precision(x):
-    """bfloat16 autocast on a GPU, for the forward passes of Q, the G_i and F; off on a CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
-
-def descend(optimizer, loss):
-    """One step down the gradient of `loss`."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-def hypergan_step(model, D, net, opt, x, y, beta, task_loss=classification_loss,
-                  repulsion_weight=0.0):
-    """One step of HyperGAN: D on Eq. (3), then Q and the G_i on Eq. (2), 1:1 (official code).
-    x: (K, b, C, H, W), network k on its own images x[k]; y: (K, b). Returns STATS, a tensor."""
-    with mixed_precision(x):
-        s = model.sample_s(len(x))                  # s ~ N(0, I): (K, s_dim)
-        z = model.codes(s)                          # z = Q(s): (K, N, d)
-        theta = model.generate(z)                   # theta_i = G_i(z_i)
-    z = z.float()
-
-    # D step: min over D of Eq. (3), Dist = -sum_i [log D(p_i) + log(1 - D(z_i))]; z held fixed
-    p = torch.randn_like(z)                         # p_i ~ P = N(0, I)
-    d_loss = discriminator_loss(D, z.detach(), p)
-    descend(opt.d, d_loss)
-
-    # Q and G step: min over Q, G of Eq. (2), E[CE(F(x; theta), y)] - beta * Dist; D held fixed
-    with mixed_precision(x):
-        out = functional_forward(net, theta, x)     # (K, b, classes)
-    ce, accuracy = task_loss(out, y)                # Eq. (1)
-    D.requires_grad_(False)                         # no gradient reaches D's weights
-    dist_z = code_distance(D, z)
-    D.requires_grad_(True)
-    loss = ce - beta * dist_z                       # Eq. (2)
-    if repulsion_weight:                            # beyond the paper (row 32); off by default
-        with mixed_precision(x):
-            shared = functional_forward(net, theta, x[0])    # all K on network 0's images
-        loss = loss + repulsion_weight * repulsion(shared)
-    descend(opt.g, loss)
-
-    with torch.no_grad():
-        D_p = torch.sigmoid(D(p)).mean()
-        D_z = torch.sigmoid(D(z)).mean()
-    return torch.stack([ce.detach(), d_loss.detach(), -dist_z.detach(), D_p, D_z, accuracy])
-
-def likelihood_step(model, net, opt, x, y):
-    """One step of Eq. (1) alone, for the baselines: the K members, or one network under masks."""
-    with mixed_precision(x):
-        out = functional_forward(net, model.sample(len(x)), x)     # (K, b, classes)
-    loss, accuracy = classification_loss(out, y)            # Eq. (1)
-    descend(opt.g, loss)
-    return torch.stack([loss.detach(), accuracy])           # LIKELIHOOD_STATS
-
-def make_optimizers(model, D, cfg, total_steps):
-    """Adam for Q and the G_i (or a baseline's networks), and for D. Deviation (row 7): official
-    V1 has betas (0.5, 0.9), Q 5e-4, G 1e-4, D 1e-4, constant; ours are (0.9, 0.999) at --lr,
-    cosine-decayed to 0, and for D (0.5, 0.999) at --lr-d, constant. W of G_i's last layer, which
-    sets the networks apart (theta_i = bias + scale W h), at lr_spread x --lr: Adam moves each of
-    its `hidden` columns as far as the bias, so theta moves many times as far (paper_notes)."""
-    spread = [G_i[-1].weight for G_i in model.G] if isinstance(model, HyperGAN) else []
-    rest = [p for p in model.parameters() if all(p is not w for w in spread)]
-    groups = [dict(params=rest), dict(params=spread, lr=cfg.lr * cfg.lr_spread)]
-    # Speed: fused=True makes Adam's update one kernel a step (plain: leave it out)
-    opt_g = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    opt_d = None
-    if D is not None:
-        opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True)
-
-    def cosine(step):
-        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return Optimizers(opt_g, opt_d, torch.optim.lr_scheduler.LambdaLR(opt_g, cosine))
-
-def epoch_layout(cfg, n):
-    """(steps an epoch, data orders, images a step from each): the standard ensemble, an order a
-    member and b images; the others, one order and K x b images."""
-    K, b = cfg.networks_per_step, cfg.images_per_network
-    if cfg.method == "ensemble":
-        return n // b, K, b
-    return n // (K * b), 1, K * b
-
-def train(cfg, model, D, net, data, opt, state):
-    """The training loop. After each epoch, checkpoint.pt holds the run, best.pt its best epoch."""
-    x_train, y_train = data.train
-    K, b = cfg.networks_per_step, cfg.images_per_network
-    steps, orders, per_order = epoch_layout(cfg, len(x_train))
-    if steps == 0:
-        raise UserError(f"the training set ({len(x_train)} images) is smaller than one step "
-                        f"({per_order})")
-    names = LIKELIHOOD_STATS if D is None else STATS
-    log_every = max(1, steps // 5)           # reading the losses waits for the GPU: 5 an epoch
-    print(f"{'epoch':>5} {'step':>7} " + " ".join(f"{name:>8}" for name in names)
-          + f" {'ms/step':>8} {'ETA':>7}")
-    for epoch in range(state.epoch, cfg.epochs):
-        epoch_start = time.perf_counter()
-        model.train()
-        rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)   # resume: the same epoch
-        order = torch.stack([torch.randperm(len(x_train), generator=rng) for _ in range(orders)])
-        order = order.to(x_train.device)                                # (orders, n)
-        sums, n_sum, log_start = 0, 0, time.perf_counter()
-        for i in range(steps):
-            idx = order[:, i * per_order:(i + 1) * per_order].reshape(K, b)   # k: idx[k] (row 5)
-            x = x_train[idx.flatten()]                                   # (K * b, C, H, W)
-            if cfg.shift:
-                x = augment_batch(x, data.black, cfg.shift, data.flip)
-            x = x.view(K, b, *x.shape[1:])                               # (K, b, C, H, W)
-            if D is None:
-                stats = likelihood_step(model, net, opt, x, y_train[idx])
-            else:
-                stats = hypergan_step(model, D, net, opt, x, y_train[idx], cfg.beta,
-                                      repulsion_weight=cfg.repulsion)
-            opt.schedule.step()
-            sums = sums + stats
-            n_sum += 1
-            if (i + 1) % log_every == 0 or i + 1 == steps:
-                means = (sums / n_sum).tolist()
-                if not all(map(math.isfinite, means)):
-                    raise UserError(f"a loss became non-finite at epoch {epoch + 1}, step {i + 1} "
-                                    f"({dict(zip(names, means))}); lower --lr or --beta; "
-                                    "the checkpoint is kept")
-                ms = (time.perf_counter() - log_start) * 1000 / n_sum
-                eta = ms / 60000 * (steps * (cfg.epochs - epoch) - i - 1)     # minutes
-                columns = " ".join(f"{v:8.4f}" for v in means)
-                print(f"{epoch + 1:>5} {epoch * steps + i + 1:>7} {columns} {ms:8.1f} {eta:6.1f}m",
-                      flush=True)
-                sums, n_sum, log_start = 0, 0, time.perf_counter()
-        state.epoch = epoch + 1
-        state.steps += steps
-        end_of_epoch(cfg, model, D, net, data, opt, state, dict(zip(names, means)), epoch_start)
-
-def end_of_epoch(cfg, model, D, net, data, opt, state, train_stats, epoch_start):
-    """Validation, Fig. 7's diversity, the checkpoints and the epoch's line."""
-    val = evaluate(sample_probs(model, net, data.val.x, VAL_NETWORKS), data.val.y, sizes=())
-    state.seconds += time.perf_counter() - epoch_start                 # training and validation
-    div = diversity(model, net, data.test.x[:1000])                     # observes, chooses nothing
-    warning = not_learning(val["single_mean"], data.num_classes, state.epoch)
-    state.history.append(dict(epoch=state.epoch, train=train_stats, seconds=state.seconds,
-                              val_single_mean=val["single_mean"], diversity=div, warning=warning))
-    improved = val["single_mean"] > state.best_val
-    state.best_val = max(state.best_val, val["single_mean"])
-    if improved:                     # first: a checkpoint.pt never counts a best.pt not written
-        save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), cfg, model, D, opt, state)
-    save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), cfg, model, D, opt, state)
-    accuracy = f"{100 * val['single_mean']:.2f} ± {100 * val['single_std']:.2f} % (one network)"
-    print(f"epoch {state.epoch}: validation {accuracy}; weight-norm RSD "
-          f"{div['weight_norm_rsd_mean']:.4f}; test disagreement {100 * div['disagreement']:.2f} %"
-          + "  -> best.pt" * improved, flush=True)
-    if warning:
-        print(f"warning: {warning}", flush=True)
-
-def not_learning(accuracy, num_classes, epoch):
-    """A warning if the validation accuracy is within 2 points of chance from epoch 2, else None."""
-    if epoch >= 2 and accuracy <= 1 / num_classes + 0.02:
-        return (f"validation accuracy {100 * accuracy:.1f} % is within 2 points of chance: not "
-                "learning; likely causes: D overpowers Eq. (1) (lower --lr-d or --beta), the "
-                "width (--hidden), --lr or --lr-spread")
-
-# 7. Evaluation: Table 2 (accuracy of 1, 5, 10, 100 networks) and Fig. 7 (diversity) ============
-@contextlib.contextmanager
-def evaluation_mode(model):
-    """Deviation (row 9): BatchNorm in eval mode while sampling: a network alone, not a batch."""
-    was_training = model.training
-    model.eval()
-    yield
-    model.train(was_training)
-
-@torch.no_grad()
-def predict(net, theta, x, report=None):
-    """Softmax outputs (n, len(x), classes) of the networks theta, in chunks: bounded memory."""
-    networks, images = (10, 50) if x.device.type == "cpu" else (100, 500)
-    out = []
-    for first in range(0, len(theta[0][0]), networks):
-        chunk = [(weight[first:first + networks], bias[first:first + networks])
-                 for weight, bias in theta]
-        probs = [functional_forward(net, chunk, x[i:i + images]).float().softmax(-1)
-                 for i in range(0, len(x), images)]
-        out.append(torch.cat(probs, dim=1))                        # (networks, len(x), classes)
-        if report:
-            report(len(out[-1]))
-    return torch.cat(out)
-
-@torch.no_grad()
-def sample_probs(model, net, x, n_networks, report=None):
-    """Softmax outputs (n, len(x), classes) of n networks sampled from `model` with EVAL_SEED."""
-    with seeded(EVAL_SEED, x.device), evaluation_mode(model):
-        return predict(net, model.sample(n_networks), x, report)
-
-def disagreement(probs):
-    """The share of network pairs that disagree: with c_j of M voting j, (M^2 - sum c_j^2) / 2 of
-    M (M - 1) / 2 pairs; the mean over the images."""
-    M = len(probs)
-    votes = F.one_hot(probs.argmax(-1), probs.shape[-1]).sum(0).float()   # (images, classes)
-    return ((M * M - votes.pow(2).sum(-1)) / (M * (M - 1))).mean().item()
-
-def evaluate(probs, y, sizes=(1, 5, 10, 100)):
-    """Table 2 from the softmax outputs probs (n, images, classes) of n networks: the accuracy of
-    one network (mean, std over the n), and accuracy, NLL and ECE of ensembles (mean softmax,
-    row 12) of each size m in `sizes` over disjoint groups of m: independent draws, with mean and
-    std over the groups (row 13; None where n < m)."""
-    n = len(probs)
-    single = (probs.argmax(-1) == y).float().mean(1)                       # (n,)
-    r = dict(single_mean=single.mean().item(), single_std=0.0, disagreement=None,
-             ensemble=dict.fromkeys(map(str, sizes)), nll=dict.fromkeys(map(str, sizes)),
-             ece=dict.fromkeys(map(str, sizes)))
-    if n > 1:
-        r["single_std"] = single.std().item()
-        r["disagreement"] = disagreement(probs[:100])
-    for m in sizes:
-        groups = n // m
-        if groups == 0:
-            continue
-        p = probs[:groups * m].view(groups, m, *probs.shape[1:]).mean(1)   # (groups, images, C)
-        accuracy = (p.argmax(-1) == y).float().mean(1)                     # (groups,)
-        std = accuracy.std().item() if groups > 1 else 0.0
-        r["ensemble"][str(m)] = dict(mean=accuracy.mean().item(), std=std, draws=groups)
-        log_p = p.clamp_min(1e-12).log().flatten(0, 1)                     # (groups * images, C)
-        r["nll"][str(m)] = F.nll_loss(log_p, y.repeat(groups)).item()
-        r["ece"][str(m)] = calibration_error(p, y).mean().item()
-    return r
-
-def calibration_error(p, y, bins=15):
-    """ECE (Guo et al., 2017) of each ensemble's softmax p (groups, images, C): the images fall
-    into 15 equal bins of confidence max_c p; sum over bins of |accuracy - confidence| x share."""
-    confidence, predicted = p.max(-1)                                   # (groups, images)
-    gap = confidence - (predicted == y).float()                         # per image
-    bin_of = (confidence * bins).long().clamp_max(bins - 1)             # 0 .. bins-1
-    per_bin = torch.zeros(len(p), bins, device=p.device).scatter_add_(1, bin_of, gap)
-    return per_bin.abs().sum(1) / len(y)                                # (groups,)
-
-@torch.no_grad()
-def diversity(model, net, x, n_networks=100, n_predicting=20):
-    """Fig. 7: std / mean over n networks of each layer's weight norm; row 28: disagreement on x."""
-    with seeded(EVAL_SEED, x.device), evaluation_mode(model):
-        theta = model.sample(n_networks)
-        norms = [weight.flatten(1).float().norm(dim=1) for weight, _ in theta]   # (n,) a layer
-        rsd = [(norm.std() / norm.mean()).item() for norm in norms]
-        first = [(weight[:n_predicting], bias[:n_predicting]) for weight, bias in theta]
-        probs = predict(net, first, x)
-    return dict(weight_norm_rsd=rsd, weight_norm_rsd_mean=sum(rsd) / len(rsd),
-                disagreement=disagreement(probs))
-
-PAPER_TABLE2 = {  # HyperGAN's rows of the paper's Table 2 (PAPER.md 5.1), accuracy %
-    "mnist": {"1": "98.64 ± .3", "5": "98.75 ± .3", "10": "99.22 ± .09", "100": "99.31 ± .02"},
-    "mnist5000": {"1": "96.69 ± .3", "5": "97.24 ± .14", "10": "97.33 ± .1", "100": "97.71 ± .05"},
-    "cifar5": {"1": "84.50 ± .6", "5": "85.51 ± .2", "10": "85.54 ± .2", "100": "85.81 ± .02"},
-    "cifar10": {"1": "76.32 ± .3", "5": "76.84 ± .1", "10": "77.52 ± .09", "100": "77.71 ± .03"},
-}
-
-# 8. The baselines of Table 2, "Random Start" and "MC Dropout" ===================================
-# They train by Eq. (1) alone (likelihood_step) and are evaluated as HyperGAN is (section 3).
-class StandardEnsemble(nn.Module):
-    """M independently initialised networks (row 20), each parameter one (M, *shape) stack."""
-    def __init__(self, net, members):
-        super().__init__()
-        nets = [copy.deepcopy(net) for _ in range(members)]
-        for member in nets:
-            for layer in param_layers(member):
-                layer.reset_parameters()                                # a fresh default init
-        stacks = [torch.stack(tensors) for tensors in zip(*(m.parameters() for m in nets))]
-        self.params = nn.ParameterList(nn.Parameter(t) for t in stacks)
-
-    def sample(self, n):
-        """The first n members (all of them if n is larger): [(weight, bias)] per layer."""
-        params = [t[:n] for t in self.params]
-        return list(zip(params[0::2], params[1::2]))
-
-class MCDropout(nn.Module):
-    """One network, dropout on at test time (Gal & Ghahramani, 2016; row 21): a mask a network."""
-    def __init__(self, net):
-        super().__init__()
-        self.params = nn.ParameterList(nn.Parameter(t.detach().clone()) for t in net.parameters())
-
-    def sample(self, n):
-        params = [t.expand(n, *t.shape) for t in self.params]          # n views of one network
-        return list(zip(params[0::2], params[1::2]))
-
-def build(cfg, arch, num_classes, device):
-    """(target network, the distribution over its parameters that the run trains, D or None)."""
-    dropout = DROPOUT if cfg.method == "dropout" else 0.0
-    net = TARGETS[arch](num_classes, dropout).to(device)
-    if cfg.method == "dropout":
-        return net, MCDropout(net), None
-    if cfg.method == "ensemble":
-        return net, StandardEnsemble(net, cfg.networks_per_step), None
-    model = HyperGAN(net, cfg.hidden, cfg.init_spread, cfg.mixer).to(device)
-    return net, model, discriminator(cfg.hidden).to(device)
-
-# 9. Uncertainty (PAPER.md 5.3, 5.4): OOD and adversarial detection by the entropy of 10 networks
-def entropy(p):                                     # in nats, over the last axis
-    return -(p * p.clamp_min(1e-12).log()).sum(-1)
-
-def auroc(neg, pos):
-    """P(a random positive scores above a random negative), ties 1/2: Mann-Whitney U."""
-    scores = torch.cat([neg, pos]).double().cpu()
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]            # 1-based; ties share
-    u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2
-    return (u / (len(neg) * len(pos))).item()
-
-def fpr_at_95_tpr(neg, pos):
-    """The share of negatives flagged (score >= t) at the highest t that flags 95 % of positives."""
-    threshold = pos.sort(descending=True).values[math.ceil(0.95 * len(pos)) - 1]
-    return (neg >= threshold).float().mean().item()
-
-def detection(neg_probs, pos_probs):
-    """Detection by the entropy of the mean softmax; ecdf: its quantiles (the paper's plot)."""
-    e_in, e_out = entropy(neg_probs), entropy(pos_probs)
-    q = torch.linspace(0, 1, 101, device=neg_probs.device)
-    ecdf = dict(quantiles=q.tolist(), entropy_in=e_in.quantile(q).tolist(),
-                entropy_out=e_out.quantile(q).tolist())
-    return dict(auroc=auroc(e_in, e_out), fpr95=fpr_at_95_tpr(e_in, e_out),
-                entropy_in_mean=e_in.mean().item(), entropy_out_mean=e_out.mean().item(),
-                n_in=len(e_in), n_out=len(e_out), ecdf=ecdf)
-
-def ensemble_log_probs(net, theta, x):
-    """log of the M networks' mean softmax (B, classes), differentiable in x."""
-    log_p = functional_forward(net, theta, x).float().log_softmax(-1)     # (M, B, classes)
-    return torch.logsumexp(log_p, 0) - math.log(len(log_p))
-
-@torch.no_grad()
-def ensemble_probs(net, theta, x, chunk=200):
-    """The ensemble's mean softmax (B, classes), 200 images at a time."""
-    return torch.cat([ensemble_log_probs(net, theta, x[i:i + chunk]).exp()
-                      for i in range(0, len(x), chunk)])
-
-def attack(net, networks_at_step, x, y, eps, steps, data, generator=None):
-    """White-box L-inf attack, in [0, 1] pixels, on the ensemble's NLL: each step moves the pixels
-    by alpha along the gradient's sign, then clips to the eps-ball and to [0, 1]. steps 1: FGSM;
-    more: PGD from a random start, alpha 2.5 eps / steps. networks_at_step(t): theta at step t.
-    Deviation (row 26): the official code ran foolbox on one network."""
-    pixels = x * data.std + data.mean                                   # back to [0, 1]
-    adv, alpha = pixels.clone(), eps
-    if steps > 1:
-        noise = torch.rand(pixels.shape, device=x.device, generator=generator) * 2 - 1
-        adv, alpha = (pixels + eps * noise).clamp(0, 1), 2.5 * eps / steps
-    for t in range(steps):
-        adv.requires_grad_(True)
-        log_probs = ensemble_log_probs(net, networks_at_step(t), (adv - data.mean) / data.std)
-        gradient = torch.autograd.grad(F.nll_loss(log_probs, y), adv)[0]
-        adv = adv.detach() + alpha * gradient.sign()
-        adv = torch.min(torch.max(adv, pixels - eps), pixels + eps).clamp(0, 1)
-    return (adv - data.mean) / data.std
-
-def attack_results(net, theta, networks_at_step, steps, data, x, y, generator, clean, report):
-    """One attack at every eps on images x, labels y: the accuracy under it, the share of correct
-    answers it flips, and the detection (row 27) of the flipped images among the clean ones the
-    ensemble gets right. clean: the ensemble's softmax on the clean images."""
-    correct = clean.argmax(-1) == y
-    results, cells = {}, []
-    for eps in EPSILONS:
-        adv = [attack(net, networks_at_step, x[i:i + 100], y[i:i + 100], eps, steps, data,
-                      generator) for i in range(0, len(x), 100)]         # 100 images at a time
-        report(steps * len(adv))
-        p_adv = ensemble_probs(net, theta, torch.cat(adv))
-        flipped = correct & (p_adv.argmax(-1) != y)
-        r = dict(accuracy=(p_adv.argmax(-1) == y).float().mean().item(), auroc=None, fpr95=None,
-                 success_rate=(flipped.sum() / correct.sum().clamp(1)).item())
-        if flipped.any():
-            d = detection(clean[correct], p_adv[flipped])
-            r.update(auroc=d["auroc"], fpr95=d["fpr95"])
-        results[str(eps)] = r
-        detected = "  -  " if r["auroc"] is None else f"{r['auroc']:.3f}"
-        cells.append(f"eps {eps}: acc {100 * r['accuracy']:5.1f} % auroc {detected}")
-    return results, "  ".join(cells)
-
-def adversarial_evaluation(net, theta, data, sample=None):
-    """FGSM and PGD on theta; with `sample`, PGD on new networks every step (official HyperBIM)."""
-    x, y = data.test.x[:ADV_IMAGES], data.test.y[:ADV_IMAGES]
-    starts = torch.Generator(x.device).manual_seed(EVAL_SEED + 2)      # PGD's random starts
-    clean = ensemble_probs(net, theta, x)
-    accuracy = (clean.argmax(-1) == y).float().mean().item()
-    result = dict(networks=len(theta[0][0]), images=len(x), clean_accuracy=accuracy)
-    attacks = dict(fgsm=(1, lambda step: theta), pgd=(PGD_STEPS, lambda step: theta))
-    if sample is not None:                          # new networks, with noise of their own
-        attacks["pgd_fresh"] = (PGD_STEPS, lambda step: sample(len(theta[0][0])))
-    steps_in_all = sum(steps for steps, _ in attacks.values()) * len(EPSILONS)
-    report = progress("attacks", steps_in_all * math.ceil(len(x) / 100))
-    for name, (steps, networks_at_step) in attacks.items():
-        with seeded(EVAL_SEED + 1, x.device) if name == "pgd_fresh" else contextlib.nullcontext():
-            result[name], line = attack_results(net, theta, networks_at_step, steps, data, x, y,
-                                                starts, clean, report)
-        print(f"  {name:9s} {line}", flush=True)
-    return result
-
-def uncertainty_evaluation(cfg, model, net, data):
-    """OOD detection and, with --adversarial, the attacks, by one ensemble (rows 22-24)."""
-    out = {}
-    with seeded(EVAL_SEED, data.test.x.device):     # the networks, and MC dropout's masks
-        model.eval()
-        with torch.no_grad():                       # the baselines' sample keeps the graph
-            theta = model.sample(UQ_NETWORKS)
-        if cfg.ood:
-            out["ood"] = {}
-            p_in = ensemble_probs(net, theta, data.test.x)
-        for name, x_ood in data.ood.items():
-            if isinstance(x_ood, str):                  # skipped: why
-                out["ood"][name] = dict(skipped=x_ood)
-                continue
-            r = dict(detection(p_in, ensemble_probs(net, theta, x_ood)), networks=len(theta[0][0]))
-            out["ood"][name] = r
-            print(f"ood {name:12s} AUROC {r['auroc']:.4f}  FPR at 95 % TPR {r['fpr95']:.4f}  "
-                  f"mean entropy in {r['entropy_in_mean']:.3f} / out {r['entropy_out_mean']:.3f}",
-                  flush=True)
-        if cfg.adversarial:
-            sample = model.sample if isinstance(model, HyperGAN) else None
-            out["adversarial"] = adversarial_evaluation(net, theta, data, sample)
-    return out
-
-# 10. The 1D toy (PAPER.md 5.5): networks fit to 20 points agree on them, spread apart elsewhere
-def run_toy(cfg, device):
-    """Fit y = x^3 + N(0, 3^2) at 20 points in [-4, 4] (official V1; Deviation (row 30): with D)."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.cat([torch.rand(18, generator=g) * 8 - 4, torch.tensor([-4.0, 4.0])])
-    y = x.pow(3) + 3 * torch.randn(20, generator=g)
-    x, y = x.unsqueeze(1).to(device), y.to(device)                       # (20, 1), (20,)
-    # Deviation (row 30): targets divided by their std (about 40): an MSE of order 1, as a CE
-    scale = y.std()
-    start = time.perf_counter()
-    net, model, D = build(cfg, "toy", 1, device)
-    opt = make_optimizers(model, D, cfg, cfg.epochs)
-    if cfg.mixer:
-        pretrain_mixer(model)
-    K = cfg.networks_per_step
-    inputs, targets = x.expand(K, 20, 1), (y / scale).expand(K, 20)     # all 20 points, K times
-    for step in range(cfg.epochs):
-        stats = hypergan_step(model, D, net, opt, inputs, targets, cfg.beta, regression_loss)
-        opt.schedule.step()
-        if (step + 1) % max(1, cfg.epochs // 5) == 0:
-            eta = (time.perf_counter() - start) * (cfg.epochs / (step + 1) - 1)
-            print(f"toy, {K} networks a step: step {step + 1:5d}, MSE {stats[0]:.4f}, "
-                  f"ETA {eta:.0f} s", flush=True)
-    seconds = time.perf_counter() - start
-    grid = torch.linspace(-6, 6, 241, device=device).unsqueeze(1)       # (241, 1)
-    with torch.no_grad(), seeded(EVAL_SEED, device):
-        theta = model.eval().sample(100)
-        pred = functional_forward(net, theta, torch.cat([grid, x])).squeeze(-1) * scale
-    on_grid, on_data = pred[:, :len(grid)], pred[:, len(grid):]          # (100, 241), (100, 20)
-    std, inside = on_grid.std(0), grid.squeeze(1).abs() <= 4
-    toy = dict(networks=len(pred), x=grid.squeeze(1).tolist(), mean=on_grid.mean(0).tolist(),
-               std=std.tolist(), train_x=x.squeeze(1).tolist(), train_y=y.tolist(),
-               train_mse=(on_data.mean(0) - y).pow(2).mean().item(),
-               spread_inside=std[inside].mean().item(), spread_outside=std[~inside].mean().item())
-    print(f"toy: {seconds:.1f} s; MSE of the {len(pred)}-network mean on the 20 points "
-          f"{toy['train_mse']:.2f} (noise variance 9); spread inside [-4, 4] "
-          f"{toy['spread_inside']:.2f}, outside {toy['spread_outside']:.2f}")
-    results = dict(dataset="toy", config=vars(cfg), train_seconds=seconds, toy=toy)
-    write_results(cfg, results)
-    return results
-
-# 11. Files: only into an --out-dir free of other runs' files, each via a renamed temporary file ==
-OUTPUTS = ("checkpoint.pt", "best.pt", "results.json", "diversity.png", "entropy_cdf.png",
-           "toy.png")
-ARCH_OPTIONS = ("dataset", "method", "hidden", "mixer")         # must match to load a checkpoint
-TRAINING_OPTIONS = ("seed", "networks_per_step", "images_per_network", "shift", "init_spread",
-                    "lr", "lr_spread", "lr_d", "beta", "repulsion")   # must match, to resume
-
-def check_paths(cfg):
-    """Every check of files and folders, made before any long work."""
-    if cfg.eval_only != bool(cfg.checkpoint) or (cfg.resume and cfg.eval_only):
-        raise UserError("--checkpoint and --eval-only go together; to continue a run, pass its "
-                        "--out-dir and --resume")
-    image_options = cfg.resume or cfg.eval_only or cfg.ood or cfg.adversarial or cfg.export
-    if cfg.dataset == "toy" and (image_options or cfg.method != "hypergan"):
-        raise UserError("--dataset toy trains HyperGAN on 20 points: --method, --resume, "
-                        "--eval-only, --ood, --adversarial and --export are for image data sets")
-    taken = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out_dir, name))]
-    if cfg.resume and "checkpoint.pt" not in taken:
-        raise UserError(f"--resume: there is no checkpoint.pt in --out-dir {cfg.out_dir!r}")
-    if taken and not cfg.resume:
-        advice = "" if cfg.eval_only else ", or --resume to continue that run"
-        raise UserError(f"--out-dir {cfg.out_dir!r} already holds {', '.join(taken)} of another "
-                        f"run; pass a new --out-dir{advice}")
-    folders = {"--out-dir": cfg.out_dir}
-    if cfg.export:
-        folders["--export PATH"] = cfg.export[1]
-    for option, folder in folders.items():
-        probe = os.path.join(folder, ".write_test.tmp")
-        try:
-            os.makedirs(folder, exist_ok=True)
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise UserError(f"{option} {folder!r} is not a writable folder ({e!r:.100})")
-    if cfg.export and any(name.startswith("net_") for name in os.listdir(cfg.export[1])):
-        raise UserError(f"--export PATH {cfg.export[1]!r} already holds exported networks; "
-                        "pass a new folder")
-
-def atomic_write(path, write):
-    """write(tmp), then tmp replaces `path`: never half a file; a failed write is a UserError."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:       # torch.save reports a full disk as a RuntimeError
-        raise UserError(f"could not write {path!r} ({e!r:.80}); older files are kept: once there "
-                        "is room, --resume continues the run from its last checkpoint") from None
-    finally:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink(missing_ok=True)
-
-def save_checkpoint(path, cfg, model, D, opt, state):
-    rng_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    ckpt = dict(format=CHECKPOINT_FORMAT, config=vars(cfg), model=model.state_dict(),
-                D=D and D.state_dict(), opt_g=opt.g.state_dict(), opt_d=D and opt.d.state_dict(),
-                sched=opt.schedule.state_dict(), rng_cpu=torch.get_rng_state(), rng_cuda=rng_cuda,
-                **dataclasses.asdict(state))
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
-
-def load_checkpoint(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        version = ckpt["format"]                 # fails on anything but a checkpoint's dict
-    except Exception as e:
-        raise UserError(f"{path!r} is not a readable HyperGAN checkpoint ({e!r:.100})")
-    if version != CHECKPOINT_FORMAT:
-        raise UserError(f"{path!r} has checkpoint format {version}, this file reads "
-                        f"{CHECKPOINT_FORMAT}")
-    return ckpt
-
-def restore(ckpt, path, cfg, model, D, opt, state, resume):
-    """Loads weights and state; to resume also optimizers and random state, at the same options."""
-    for key in ARCH_OPTIONS + (TRAINING_OPTIONS if resume else ()):
-        trained_with = ckpt["config"].get(key)
-        if trained_with != getattr(cfg, key):
-            raise UserError(f"{path!r} was trained with --{key.replace('_', '-')} {trained_with}, "
-                            f"this run has {getattr(cfg, key)}")
-    modules = {"model": model, "D": D}
-    if resume:
-        modules.update(opt_g=opt.g, opt_d=opt.d, sched=opt.schedule)
-    try:
-        for key, module in modules.items():
-            if module is not None:
-                module.load_state_dict(ckpt[key])
-        vars(state).update({key: ckpt[key] for key in vars(state)})   # epoch, steps, ...
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"{path!r} does not match this model ({e!r:.100})")
-    if resume:
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if ckpt["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"][:torch.cuda.device_count()])
-
-def export_networks(model, arch, num_classes, n, path):
-    """path/net_000.pt, ...: state_dicts of TARGETS[arch](num_classes); returns how many."""
-    names = [name for name, _ in TARGETS[arch](num_classes).named_parameters()]
-    with torch.no_grad(), seeded(EVAL_SEED, next(model.parameters()).device):
-        theta = model.eval().sample(n)
-    tensors = [t for pair in theta for t in pair]           # in the order of named_parameters
-    for k in range(len(tensors[0])):
-        state_dict = {name: t[k].float().cpu().clone() for name, t in zip(names, tensors)}
-        atomic_write(os.path.join(path, f"net_{k:03d}.pt"), lambda tmp: torch.save(state_dict, tmp))
-    return len(tensors[0])
-
-def write_results(cfg, results):
-    """results.json, then the PNG figures that the results allow."""
-    path = os.path.join(cfg.out_dir, "results.json")
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
-    print(f"wrote {path}")
-    if not cfg.figures:
-        return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")                                           # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("figures: skipped, matplotlib is not installed")
-        return
-    ood = {name: r["ecdf"] for name, r in results.get("ood", {}).items() if "ecdf" in r}
-    figures = dict(diversity=(diversity_figure, results.get("history")),
-                   entropy_cdf=(entropy_figure, ood), toy=(toy_figure, results.get("toy")))
-    for name, (draw, drawn) in figures.items():
-        if not drawn:                              # the results hold nothing for this figure
-            continue
-        fig, ax = plt.subplots(figsize=(5, 4))
-        draw(ax, cfg.method, drawn)
-        png = os.path.join(cfg.out_dir, f"{name}.png")
-        atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
-        print(f"figure: {png}")
-
-def diversity_figure(ax, method, history):
-    """Fig. 7: the weight norms' spread over the epochs (the disagreement: the epoch lines)."""
-    epochs = [e["epoch"] for e in history]
-    ax.plot(epochs, [e["diversity"]["weight_norm_rsd_mean"] for e in history], marker=".")
-    ax.set(xlabel="epoch", title=f"{method}: std / mean of the weights' L2 norms (Fig. 7)")
-
-def entropy_figure(ax, method, ood):
-    """The paper's entropy CDFs: the test images against each OOD set (name -> ecdf)."""
-    for name, ecdf in ood.items():
-        ax.plot(ecdf["entropy_out"], ecdf["quantiles"], label=name)
-    ax.plot(ecdf["entropy_in"], ecdf["quantiles"], "k--", label="test (in distribution)")
-    ax.set(xlabel="entropy of the mean softmax (nats)", title=f"{method}: fraction of inputs")
-    ax.legend()
-
-def toy_figure(ax, method, toy):
-    """The networks' predictive spread on the 1D toy."""
-    mean, std = torch.tensor(toy["mean"]), torch.tensor(toy["std"])
-    ax.fill_between(toy["x"], mean - 2 * std, mean + 2 * std, alpha=0.3)
-    ax.plot(toy["x"], toy["mean"], "-", toy["x"], [v**3 for v in toy["x"]], "k--")
-    ax.plot(toy["train_x"], toy["train_y"], "k.")
-    ax.set(xlabel="x", ylim=(-250, 250), title=f"1D toy, {method}: mean ± 2 std, x³ (dashed), data")
-
-# 12. Main: check the input, load the data, train (or resume, or load), evaluate, write ==========
 def pick_device(name):
     """--device: auto is cuda, then mps, then cpu."""
     available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
@@ -1183,8 +1272,8 @@ def run(argv):
     data = load_data(cfg, device)
     net, model, D = build(cfg, data.arch, data.num_classes, device)
     print(f"{cfg.method} on {cfg.dataset}: {len(data.train.x)} training images, {device}")
-    steps_per_epoch = epoch_layout(cfg, len(data.train.x))[0]
-    opt = make_optimizers(model, D, cfg, max(1, steps_per_epoch * cfg.epochs))
+    steps = len(data.train.x) // images_per_step(cfg) * cfg.epochs
+    opt = make_optimizers(model, D, cfg, max(1, steps))
     state = TrainState()
     if ckpt is not None:
         restore(ckpt, ckpt_path, cfg, model, D, opt, state, resume=cfg.resume)
@@ -1206,45 +1295,6 @@ def run(argv):
               f"input: (pixels in [0, 1] - {data.mean.flatten().tolist()}) / "
               f"{data.std.flatten().tolist()}")
     return results
-
-def test_results(cfg, model, net, data, state):
-    """Table 2 on the test set, printed beside the paper's rows, and results for a program."""
-    start = time.perf_counter()
-    report = progress("test evaluation, networks", cfg.eval_networks)
-    probs = sample_probs(model, net, data.test.x, cfg.eval_networks, report)   # (n, images, C)
-    r = evaluate(probs, data.test.y)
-    eval_seconds = time.perf_counter() - start
-    print(f"\ntest set, {len(probs)} networks ({eval_seconds:.1f} s); pairwise disagreement "
-          f"{100 * (r['disagreement'] or 0):.2f} %\n networks | accuracy % (std) |    NLL |"
-          "    ECE | paper")
-    paper = PAPER_TABLE2.get(cfg.dataset, {})
-    for m, e in r["ensemble"].items():     # std: over single networks for size 1, else over groups
-        ours = "" if e is None else (f"{100 * e['mean']:8.2f} ± {100 * e['std']:.2f} | "
-                                     f"{r['nll'][m]:.4f}  | {r['ece'][m]:.4f}")
-        print(f"{m:>9} | {ours:34s} | {paper.get(m, '-')}")
-    e100 = r["ensemble"]["100"]
-    images_a_step = cfg.networks_per_step * cfg.images_per_network
-    return dict(dataset=cfg.dataset, method=cfg.method, config=vars(cfg),
-                checkpoint=cfg.checkpoint or None, nll=r["nll"], ece=r["ece"],
-                disagreement=r["disagreement"],
-                accuracy=dict(single_mean=r["single_mean"], single_std=r["single_std"],
-                              ensemble=r["ensemble"]),
-                ensemble_gain=e100 and e100["mean"] - r["single_mean"],
-                train_seconds=state.seconds, steps_per_second=state.steps / state.seconds,
-                networks_x_images_per_second=state.steps * images_a_step / state.seconds,
-                seconds_per_epoch=state.seconds / len(state.history), eval_seconds=eval_seconds,
-                warning=state.history[-1].get("warning"),      # not_learning at the last epoch
-                history=state.history, paper=PAPER_TABLE2.get(cfg.dataset))
-
-def peak_memory_mb(device):
-    """The GPU allocator's peak, or the process's peak resident memory (Linux: KiB, macOS: B)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    if sys.platform == "win32":                          # no `resource` module there
-        return None
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 if __name__ == "__main__":
     main()
