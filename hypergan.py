@@ -54,6 +54,7 @@ UQ_NETWORKS = 10         # the ensemble that scores OOD inputs and adversarial e
 ADV_IMAGES = 1000        # test images attacked
 PGD_STEPS = 10           # iterations of PGD
 EPSILONS = (0.01, 0.03, 0.08, 0.1, 0.3)   # attack sizes, L-inf in [0, 1] pixel units
+MEMORY_BUDGET = 2**30    # bytes for the chunk of networks x images that evaluation runs at once
 CHECKPOINT_FORMAT = 5    # 5: the 2019 CIFAR net, and lr_spread's own group of Adam
 
 # What differs between data sets (--help prints it): networks_per_step is K (row 6),
@@ -130,10 +131,8 @@ def check_target(net):
             problem = "has groups != 1"
         elif isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
             problem = "pads with other values than zeros"
-        elif isinstance(layer, (nn.Conv2d, *POOLING)) and flat:
+        elif isinstance(layer, (nn.Conv2d, nn.Flatten, *POOLING)) and flat:
             problem = "comes after the Flatten"
-        elif isinstance(layer, nn.Flatten) and flat:
-            problem = "is a second Flatten"
         elif isinstance(layer, nn.Flatten) and (layer.start_dim, layer.end_dim) != (1, -1):
             problem = "flattens other dimensions than nn.Flatten()"
         elif isinstance(layer, nn.Linear) and maps and not flat:
@@ -145,9 +144,8 @@ def check_target(net):
         maps = maps or isinstance(layer, (nn.Conv2d, *POOLING))
 
 # theta, the parameters of K networks: [(weight (K, *shape), bias (K, out)) for each layer]. Each
-# method of Table 2 here (HyperGAN, standard ensemble, MC dropout) is an nn.Module with sample(n),
-# theta of n networks to evaluate, any noise from torch's global generator (`seeded` seeds it);
-# the standard ensemble gives at most its members. A baseline's sample(K) is what a step trains.
+# method of Table 2 is an nn.Module whose sample(n) is theta of n networks (a standard ensemble: at
+# most its members), its noise from torch's generator (`seeded`); a baseline trains sample(K).
 def functional_forward(net, theta, x, shared=False):
     """F(x; theta) for K networks at once: (K, B, outputs). x: (K, B, *input), network k on its
     images x[k]; shared: x is (B, *input), seen by all. Dropout stays on (MC dropout). The maps of
@@ -160,8 +158,7 @@ def functional_forward(net, theta, x, shared=False):
     h = x
     if x.dim() == 5:                                      # images of each network
         h = x.transpose(0, 1).flatten(1, 2)               # (K, B, C, H, W) -> (B, K*C, H, W)
-        # Speed: channels-last, the layout that a CPU's convolution and pooling read fastest
-        # (plain: leave the line out); paper_notes.md, "Speed"
+        # Speed: channels-last, read fastest by a CPU's convolution (plain: leave the line out)
         h = h.contiguous(memory_format=torch.channels_last)
     for layer in net:
         if isinstance(layer, nn.Conv2d) and shared:
@@ -241,10 +238,9 @@ class HyperGAN(nn.Module):
             self.Q = nn.Sequential(*hidden_layers([S_DIM, hidden, hidden], nn.ReLU),
                                    nn.Linear(hidden, N * Z_DIM))
         self.G = nn.ModuleList()
-        for layer in layers:
-            G_i = nn.Sequential(*hidden_layers([Z_DIM, hidden, hidden], nn.ELU),
-                                ScaledLinear(hidden, layer, init_spread))
-            self.G.append(G_i)
+        for layer in layers:                                  # G_i for each layer i
+            self.G.append(nn.Sequential(*hidden_layers([Z_DIM, hidden, hidden], nn.ELU),
+                                        ScaledLinear(hidden, layer, init_spread)))
 
     def sample_s(self, K):
         return torch.randn(K, self.s_dim, device=self.G[0][0].weight.device)   # s ~ N(0, I)
@@ -381,10 +377,9 @@ def make_optimizers(model, D, cfg, total_steps):
     rest = [p for p in model.parameters() if all(p is not w for w in spread)]
     groups = [dict(params=rest), dict(params=spread, lr=cfg.lr * cfg.lr_spread)]
     # Speed: fused=True makes Adam's update one kernel a step (plain: leave it out)
-    opt_g = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
-    opt_d = None
-    if D is not None:
-        opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999), fused=True)
+    opt_g = torch.optim.Adam(groups, lr=cfg.lr, fused=True)          # betas (0.9, 0.999)
+    opt_d = None if D is None else torch.optim.Adam(D.parameters(), lr=cfg.lr_d,
+                                                    betas=(0.5, 0.999), fused=True)
 
     def cosine(step):
         return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
@@ -453,12 +448,9 @@ class Data:
     test: Split
     num_classes: int
     arch: str              # the target network: "small" (MNIST-shaped) or "mednet" (CIFAR-shaped)
-    flip: bool             # augmentation mirrors half the images (CIFAR)
     mean: torch.Tensor     # (C, 1, 1): pixels in [0, 1] are normalised as (pixels - mean) / std
     std: torch.Tensor
-    black: torch.Tensor    # (C, 1, 1): a black pixel, normalised: the border of a shifted image
     ood: dict              # OOD set name -> normalised images
-    ood_skipped: dict      # OOD set name -> why it was skipped (only notMNIST may be)
 
 def normalise(pixels, mean, std):
     return (pixels.to(mean.device) - mean) / std
@@ -492,7 +484,7 @@ def torchvision_split(name, root, train, download):
     return x.float().div(255), y.long()
 
 def read_notmnist(root):
-    """notMNIST_small as unpacked, <root>/notMNIST_small/<letter>/*.png, or None (row 25)."""
+    """notMNIST_small as unpacked, <root>/notMNIST_small/<letter>/*.png (row 25)."""
     from PIL import Image                             # installed with torchvision
     images = []
     for path in sorted(glob.glob(os.path.join(root, "notMNIST_small", "*", "*"))):
@@ -502,21 +494,10 @@ def read_notmnist(root):
         except (OSError, RuntimeError):       # the archive holds a few unreadable files
             continue
         images.append(image.float() / 255)
-    return torch.stack(images) if images else None
-
-def load_ood(name, cfg, shape, other_classes, n_test):
-    """Pixels in [0, 1] of OOD set `name` (None: no notMNIST); other_classes: test classes 5-9."""
-    home = {"mnist5-9": "mnist0-4", "cifar5-9": "cifar5"}.get(name, cfg.dataset)
-    if home != cfg.dataset:
-        raise UserError(f"--ood {name} needs --dataset {home}")
-    if name == "notmnist" and shape != (1, 28, 28):
-        raise UserError(f"--ood notmnist holds (1, 28, 28) images, --dataset {cfg.dataset} "
-                        f"has {shape}")
-    if name == "notmnist":
-        return read_notmnist(cfg.data_root)
-    if name == "noise":                      # uniform random pixels, as many as the test set
-        return torch.rand(n_test, *shape, generator=torch.Generator().manual_seed(3))
-    return other_classes
+    if not images:
+        raise UserError(f"--ood notmnist: no readable images in {root}/notMNIST_small; unpack "
+                        "notMNIST_small.tar.gz there")
+    return torch.stack(images)
 
 def load_data(cfg, device):
     """The splits and the OOD sets, all loaded before training: a missing set fails in seconds."""
@@ -544,23 +525,24 @@ def load_data(cfg, device):
         train = train[:5000]
     mean = torch.tensor(mean).view(-1, 1, 1).to(device)         # (C, 1, 1)
     std = torch.tensor(std).view(-1, 1, 1).to(device)
-    ood, skipped = {}, {}
-    for name in cfg.ood:
-        pixels = load_ood(name, cfg, tuple(x_test.shape[1:]), other_classes, len(x_test))
-        if pixels is None:                             # only notMNIST is optional
-            skipped[name] = f"no readable images in {cfg.data_root}/notMNIST_small"
-            print(f"ood {name}: skipped, {skipped[name]} (unpack notMNIST_small.tar.gz there)")
-        else:
-            ood[name] = normalise(pixels, mean, std)
+    ood = {}
+    for name in cfg.ood:                         # the paper's OOD sets (parse_args checks them)
+        if name == "notmnist":
+            pixels = read_notmnist(cfg.data_root)
+        elif name == "noise":                    # uniform random pixels, as many as the test set
+            pixels = torch.rand(x_test.shape, generator=torch.Generator().manual_seed(3))
+        else:                                    # mnist5-9, cifar5-9: the test set's classes 5-9
+            pixels = other_classes
+        ood[name] = normalise(pixels, mean, std)
     return Data(train=Split(normalise(x[train], mean, std), y[train].to(device)),
                 val=Split(normalise(x[val], mean, std), y[val].to(device)),
                 test=Split(normalise(x_test, mean, std), y_test.to(device)),
                 num_classes=num_classes, arch="small" if x.shape[1] == 1 else "mednet",
-                flip=x.shape[1] == 3, mean=mean, std=std,
-                black=normalise(torch.zeros(1, 1, 1), mean, std), ood=ood, ood_skipped=skipped)
+                mean=mean, std=std, ood=ood)
 
 def augment_batch(x, black, shift, flip, generator=None):
-    """Images x (B, C, H, W), each moved up to `shift` pixels on black; flip: half mirrored."""
+    """Images x (B, C, H, W), each moved up to `shift` pixels on `black` (a black pixel,
+    normalised: (C, 1, 1)); flip (CIFAR): half of them mirrored."""
     B, C, H, W = x.shape
     padded = F.pad(x - black, (shift,) * 4) + black           # (B, C, H + 2 shift, W + 2 shift)
     dy, dx = torch.randint(0, 2 * shift + 1, (2, B, 1), device=x.device, generator=generator)
@@ -601,16 +583,14 @@ def epoch_batches(cfg, n, generator):
     return order[:steps * K * b].view(steps, K, b)
 
 def train(cfg, model, D, net, data, opt, state):
-    """The training loop. After each epoch, checkpoint.pt holds the run, best.pt its best epoch."""
+    """The training loop; after each epoch, validation, Fig. 7's diversity and the checkpoints."""
     x_train, y_train = data.train
     steps = len(x_train) // images_per_step(cfg)
     if steps == 0:
-        raise UserError(f"the training set ({len(x_train)} images) is smaller than one step "
-                        f"({images_per_step(cfg)})")
+        raise UserError(f"the training set ({len(x_train)} images) is smaller than one step")
     names = STATS if D is not None else LIKELIHOOD_STATS
     log_every = max(1, steps // 5)           # reading the losses waits for the GPU: 5 an epoch
-    print(f"{'epoch':>5} {'step':>7} " + " ".join(f"{name:>8}" for name in names)
-          + f" {'ms/step':>8} {'ETA':>7}")
+    print(f"{'epoch':>5} {'step':>7}", *(f"{name:>8}" for name in names), " ms/step     ETA")
     for epoch in range(state.epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         model.train()
@@ -620,7 +600,7 @@ def train(cfg, model, D, net, data, opt, state):
         for i, idx in enumerate(batches):                            # idx: (K, b)
             x = x_train[idx.flatten()]                               # (K * b, C, H, W)
             if cfg.shift:
-                x = augment_batch(x, data.black, cfg.shift, data.flip)
+                x = augment_batch(x, -data.mean / data.std, cfg.shift, flip=x.shape[1] == 3)
             x = x.view(*idx.shape, *x.shape[1:])                     # (K, b, C, H, W)
             if D is None:
                 stats = likelihood_step(model, net, opt, x, y_train[idx])
@@ -628,51 +608,42 @@ def train(cfg, model, D, net, data, opt, state):
                 stats = hypergan_step(model, D, net, opt, x, y_train[idx], cfg.beta,
                                       repulsion_weight=cfg.repulsion)
             opt.schedule.step()
-            sums = sums + stats
-            n_sum += 1
+            sums, n_sum = sums + stats, n_sum + 1
             if (i + 1) % log_every and i + 1 < steps:
                 continue
-            means = (sums / n_sum).tolist()                          # waits for the device
-            if not all(map(math.isfinite, means)):
+            means = dict(zip(names, (sums / n_sum).tolist()))         # waits for the device
+            if not all(map(math.isfinite, means.values())):
                 raise UserError(f"a loss became non-finite at epoch {epoch + 1}, step {i + 1} "
-                                f"({dict(zip(names, means))}); lower --lr or --beta; "
-                                "the checkpoint is kept")
+                                f"({means}); lower --lr or --beta; the checkpoint is kept")
             ms = (time.perf_counter() - log_start) * 1000 / n_sum
             eta = ms / 60000 * (steps * (cfg.epochs - epoch) - i - 1)       # minutes
-            columns = " ".join(f"{v:8.4f}" for v in means)
-            print(f"{epoch + 1:>5} {epoch * steps + i + 1:>7} {columns} {ms:8.1f} {eta:6.1f}m",
-                  flush=True)
+            print(f"{epoch + 1:>5} {epoch * steps + i + 1:>7}",
+                  *(f"{v:8.4f}" for v in means.values()), f"{ms:8.1f} {eta:6.1f}m", flush=True)
             sums, n_sum, log_start = 0, 0, time.perf_counter()
-        state.epoch = epoch + 1
-        state.steps += steps
-        end_of_epoch(cfg, model, D, opt, state, dict(zip(names, means)), epoch_start, net, data)
-
-def end_of_epoch(cfg, model, D, opt, state, train_stats, epoch_start, net, data):
-    """Validation, Fig. 7's diversity, the checkpoints and the epoch's line."""
-    val = evaluate(sample_probs(model, net, data.val.x, VAL_NETWORKS), data.val.y, sizes=())
-    state.seconds += time.perf_counter() - epoch_start               # training and validation
-    div = diversity(model, net, data.test.x[:1000])                  # observes, chooses nothing
-    warning = not_learning(val["single_mean"], data.num_classes, state.epoch)
-    state.history.append(dict(epoch=state.epoch, train=train_stats, seconds=state.seconds,
-                              val_single_mean=val["single_mean"], diversity=div, warning=warning))
-    improved = val["single_mean"] > state.best_val
-    state.best_val = max(state.best_val, val["single_mean"])
-    if improved:                     # first: a checkpoint.pt never counts a best.pt not written
-        save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), cfg, model, D, opt, state)
-    save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), cfg, model, D, opt, state)
-    accuracy = f"{100 * val['single_mean']:.2f} ± {100 * val['single_std']:.2f} % (one network)"
-    print(f"epoch {state.epoch}: validation {accuracy}; weight-norm RSD "
-          f"{div['weight_norm_rsd_mean']:.4f}; test disagreement {100 * div['disagreement']:.2f} %"
-          + "  -> best.pt" * improved, flush=True)
-    if warning:
-        print(f"warning: {warning}", flush=True)
+        state.epoch, state.steps = epoch + 1, state.steps + steps
+        val = evaluate(sample_probs(model, net, data.val.x, VAL_NETWORKS), data.val.y, sizes=())
+        state.seconds += time.perf_counter() - epoch_start           # training and validation
+        div = diversity(model, net, data.test.x[:1000])              # observes, chooses nothing
+        warning = not_learning(val["single_mean"], data.num_classes, state.epoch)
+        state.history.append(dict(epoch=state.epoch, train=means, diversity=div, warning=warning,
+                                  seconds=state.seconds, val_single_mean=val["single_mean"]))
+        improved = val["single_mean"] > state.best_val
+        state.best_val = max(state.best_val, val["single_mean"])
+        if improved:                 # first: a checkpoint.pt never counts a best.pt not written
+            save_checkpoint(os.path.join(cfg.out_dir, "best.pt"), cfg, model, D, opt, state)
+        save_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"), cfg, model, D, opt, state)
+        print(f"epoch {state.epoch}: validation {100 * val['single_mean']:.2f} ± "
+              f"{100 * val['single_std']:.2f} % (one network); weight-norm RSD "
+              f"{div['weight_norm_rsd_mean']:.4f}; test disagreement "
+              f"{100 * div['disagreement']:.2f} %" + "  -> best.pt" * improved, flush=True)
+        if warning:
+            print(f"warning: {warning}", flush=True)
 
 def not_learning(accuracy, num_classes, epoch):
     """A warning if the validation accuracy is within 2 points of chance from epoch 2, else None."""
     if epoch >= 2 and accuracy <= 1 / num_classes + 0.02:
         return (f"validation accuracy {100 * accuracy:.1f} % is within 2 points of chance: not "
-                "learning; likely causes: D overpowers Eq. (1) (lower --lr-d or --beta), the "
-                "width (--hidden), --lr or --lr-spread")
+                "learning; lower --lr-d or --beta (D overpowers Eq. (1)), or try --lr, --lr-spread")
 
 # 9. Evaluation: Table 2 (accuracy of 1, 5, 10, 100 networks) and Fig. 7 (diversity) ============
 @contextlib.contextmanager
@@ -690,40 +661,56 @@ def evaluation_mode(model):
     yield
     model.train(was_training)
 
-def progress(name, total, every=10.0):
-    """A callback for a long phase: report(n), n more done, prints 'name: done/total, s, ETA'."""
+def progress(name, items, every=10.0):
+    """Yields the items of a long phase; every 10 s prints 'name: done/total, ETA'."""
     start = last = time.perf_counter()
-    done = 0
+    for done, item in enumerate(items):
+        if time.perf_counter() - last >= every:
+            last = time.perf_counter()
+            eta = (last - start) * (len(items) / done - 1)
+            print(f"  {name}: {done}/{len(items)}, ETA {eta:.0f} s", flush=True)
+        yield item
 
-    def report(n):
-        nonlocal last, done
-        done += n
-        now = time.perf_counter()
-        if now - last >= every and done < total:
-            last = now
-            eta = (now - start) * (total / done - 1)
-            print(f"  {name}: {done}/{total}, {now - start:.0f} s, ETA {eta:.0f} s", flush=True)
-    return report
+# Memory: many networks on many images run in chunks within MEMORY_BUDGET; the same results.
+@torch.no_grad()
+def images_that_fit(net, x, networks, most):
+    """How many images of x `networks` networks run at once: at most `most`, within MEMORY_BUDGET,
+    each layer's output counted twice (for temporaries, or gradients), 4 bytes a float."""
+    h, floats = x[:1].float(), 0
+    for layer in net:
+        h = h if isinstance(layer, nn.Dropout) else layer(h)      # no mask: no random numbers
+        floats += h.numel()
+    return max(1, min(most, MEMORY_BUDGET // (networks * 2 * 4 * floats)))
+
+def sample_chunks(model, n, net):
+    """theta of n networks, in chunks of at most MEMORY_BUDGET (a weight: 4 bytes, 4 times in
+    G_i). HyperGAN draws all the noise first, so any chunks give the same networks."""
+    if not isinstance(model, HyperGAN):               # a baseline's networks are views: no memory
+        return [model.sample(n)]
+    network_bytes = 4 * 4 * sum(p.numel() for p in net.parameters())
+    noise = model.sample_s(n).split(max(1, MEMORY_BUDGET // network_bytes))
+    return (model.generate(model.codes(s)) for s in noise)
 
 @torch.no_grad()
-def predict(net, theta, x, report=None):
-    """Softmax outputs (n, len(x), classes) of the networks theta, in chunks: bounded memory."""
-    networks, images = (10, 50) if x.device.type == "cpu" else (100, 500)
+def predict(net, theta, x):
+    """Softmax outputs (n, len(x), classes) of the networks theta, chunks within MEMORY_BUDGET."""
+    most_networks, most_images = (10, 50) if x.device.type == "cpu" else (100, 500)   # fastest
+    networks = min(most_networks, len(theta[0][0]))
+    images = images_that_fit(net, x, networks, most_images)
     out = []
-    for first in range(0, len(theta[0][0]), networks):
+    for first in progress(f"chunks of {networks} networks", range(0, len(theta[0][0]), networks)):
         chunk = [(w[first:first + networks], b[first:first + networks]) for w, b in theta]
         probs = [functional_forward(net, chunk, x[i:i + images], shared=True).float().softmax(-1)
                  for i in range(0, len(x), images)]
         out.append(torch.cat(probs, dim=1))                          # (networks, len(x), classes)
-        if report:
-            report(len(out[-1]))
     return torch.cat(out)
 
 @torch.no_grad()
-def sample_probs(model, net, x, n_networks, report=None):
+def sample_probs(model, net, x, n_networks):
     """Softmax outputs (n, len(x), classes) of n networks sampled from `model` with EVAL_SEED."""
     with seeded(EVAL_SEED, x.device), evaluation_mode(model):
-        return predict(net, model.sample(n_networks), x, report)
+        chunks = sample_chunks(model, n_networks, net)
+        return torch.cat([predict(net, theta, x) for theta in chunks])
 
 def disagreement(probs):
     """The share of network pairs that disagree: with c_j of M voting j, (M^2 - sum c_j^2) / 2 of
@@ -788,8 +775,7 @@ PAPER_TABLE2 = {  # HyperGAN's rows of the paper's Table 2 (PAPER.md 5.1), accur
 def test_results(cfg, model, net, data, state):
     """Table 2 on the test set, printed beside the paper's rows, and results for a program."""
     start = time.perf_counter()
-    report = progress("test evaluation, networks", cfg.eval_networks)
-    probs = sample_probs(model, net, data.test.x, cfg.eval_networks, report)   # (n, images, C)
+    probs = sample_probs(model, net, data.test.x, cfg.eval_networks)   # (n, images, C)
     r = evaluate(probs, data.test.y)
     eval_seconds = time.perf_counter() - start
     print(f"\ntest set, {len(probs)} networks ({eval_seconds:.1f} s); pairwise disagreement "
@@ -800,19 +786,16 @@ def test_results(cfg, model, net, data, state):
         ours = "" if e is None else (f"{100 * e['mean']:8.2f} ± {100 * e['std']:.2f} | "
                                      f"{r['nll'][m]:.4f}  | {r['ece'][m]:.4f}")
         print(f"{m:>9} | {ours:34s} | {paper.get(m, '-')}")
-    e100 = r["ensemble"]["100"]
+    e100, single = r["ensemble"]["100"], r["single_mean"]
+    accuracy = dict(single_mean=single, single_std=r["single_std"], ensemble=r["ensemble"])
     images_a_step = cfg.networks_per_step * cfg.images_per_network
-    return dict(dataset=cfg.dataset, method=cfg.method, config=vars(cfg),
+    return dict(dataset=cfg.dataset, method=cfg.method, config=vars(cfg), accuracy=accuracy,
                 checkpoint=cfg.checkpoint or None, nll=r["nll"], ece=r["ece"],
-                disagreement=r["disagreement"],
-                accuracy=dict(single_mean=r["single_mean"], single_std=r["single_std"],
-                              ensemble=r["ensemble"]),
-                ensemble_gain=e100 and e100["mean"] - r["single_mean"],
+                disagreement=r["disagreement"], ensemble_gain=e100 and e100["mean"] - single,
                 train_seconds=state.seconds, steps_per_second=state.steps / state.seconds,
                 networks_x_images_per_second=state.steps * images_a_step / state.seconds,
-                seconds_per_epoch=state.seconds / len(state.history), eval_seconds=eval_seconds,
-                warning=state.history[-1].get("warning"),      # not_learning at the last epoch
-                history=state.history, paper=PAPER_TABLE2.get(cfg.dataset))
+                eval_seconds=eval_seconds, history=state.history,
+                warning=state.history[-1].get("warning"))      # not_learning at the last epoch
 
 # 10. Uncertainty (PAPER.md 5.3, 5.4): OOD and adversarial detection by the entropy of 10 networks
 def entropy(p):                                     # in nats, over the last axis
@@ -848,16 +831,16 @@ def ensemble_log_probs(net, theta, x):
     return torch.logsumexp(log_p, 0) - math.log(len(log_p))
 
 @torch.no_grad()
-def ensemble_probs(net, theta, x, chunk=200):
-    """The ensemble's mean softmax (B, classes), 200 images at a time."""
+def ensemble_probs(net, theta, x):
+    """The ensemble's mean softmax (B, classes), at most 200 images at a time."""
+    chunk = images_that_fit(net, x, len(theta[0][0]), 200)
     return torch.cat([ensemble_log_probs(net, theta, x[i:i + chunk]).exp()
                       for i in range(0, len(x), chunk)])
 
 def attack(net, theta, x, y, eps, steps, data, generator=None, resample=None):
-    """White-box L-inf attack, in [0, 1] pixels, on the ensemble's NLL: each step moves the pixels
-    by alpha along the gradient's sign, then clips to the eps-ball and to [0, 1]. steps 1: FGSM;
-    more: PGD from a random start, alpha 2.5 eps / steps. resample(n): n new networks at every
-    step, in place of theta. Deviation (row 26): the official code ran foolbox on one network."""
+    """White-box L-inf attack on the ensemble's NLL, in [0, 1] pixels: steps of alpha along the
+    gradient's sign, clipped to the eps-ball. steps 1: FGSM; more: PGD from a random start, alpha
+    2.5 eps / steps; resample(n): new networks each step. Deviation (row 26): not foolbox's."""
     pixels = x * data.std + data.mean                               # back to [0, 1]
     adv, alpha = pixels.clone(), eps
     if steps > 1:
@@ -869,7 +852,7 @@ def attack(net, theta, x, y, eps, steps, data, generator=None, resample=None):
         log_probs = ensemble_log_probs(net, members, (adv - data.mean) / data.std)
         gradient = torch.autograd.grad(F.nll_loss(log_probs, y), adv)[0]
         adv = adv.detach() + alpha * gradient.sign()
-        adv = torch.min(torch.max(adv, pixels - eps), pixels + eps).clamp(0, 1)
+        adv = adv.clamp(pixels - eps, pixels + eps).clamp(0, 1)      # the ball, then [0, 1]
     return (adv - data.mean) / data.std
 
 def attack_scores(clean, p_adv, y):
@@ -893,27 +876,23 @@ def adversarial_evaluation(net, theta, data, resample=None):
     attacks = dict(fgsm=(1, None), pgd=(PGD_STEPS, None))
     if resample is not None:                        # new networks, with noise of their own
         attacks["pgd_fresh"] = (PGD_STEPS, resample)
-    steps_in_all = sum(steps for steps, _ in attacks.values()) * len(EPSILONS)
-    report = progress("attacks", steps_in_all * math.ceil(len(x) / 100))
+    chunk = images_that_fit(net, x, len(theta[0][0]), 100)           # images attacked at once
     for name, (steps, fresh) in attacks.items():
-        result[name], cells = {}, []
+        result[name] = {}
         with seeded(EVAL_SEED + 1, x.device) if fresh else contextlib.nullcontext():
             for eps in EPSILONS:
-                adv = [attack(net, theta, x[i:i + 100], y[i:i + 100], eps, steps, data, starts,
-                              fresh) for i in range(0, len(x), 100)]     # 100 images at a time
-                report(steps * len(adv))
+                adv = [attack(net, theta, x[i:i + chunk], y[i:i + chunk], eps, steps, data,
+                              starts, fresh) for i in range(0, len(x), chunk)]
                 r = attack_scores(clean, ensemble_probs(net, theta, torch.cat(adv)), y)
                 result[name][str(eps)] = r
-                detected = "  -  " if r["auroc"] is None else f"{r['auroc']:.3f}"
-                cells.append(f"eps {eps}: acc {100 * r['accuracy']:5.1f} % auroc {detected}")
-        print(f"  {name:9s} " + "  ".join(cells), flush=True)
+                detected = "-" if r["auroc"] is None else f"{r['auroc']:.3f}"
+                print(f"  {name:9s} eps {eps}: accuracy {100 * r['accuracy']:5.1f} %, "
+                      f"detection AUROC {detected}", flush=True)
     return result
 
 def uncertainty_evaluation(cfg, model, net, data):
     """OOD detection and, with --adversarial, the attacks, by one ensemble (rows 22-24)."""
-    out = {}
-    if cfg.ood:
-        out["ood"] = {name: dict(skipped=why) for name, why in data.ood_skipped.items()}
+    out = dict(ood={}) if cfg.ood else {}
     with seeded(EVAL_SEED, data.test.x.device):     # the networks, and MC dropout's masks
         model.eval()
         with torch.no_grad():                       # the baselines' sample keeps the graph
@@ -950,38 +929,38 @@ def run_toy(cfg, device):
         stats = hypergan_step(model, D, net, opt, inputs, targets, cfg.beta, regression_loss)
         opt.schedule.step()
         if step % max(1, cfg.epochs // 5) == 0:
-            eta = (time.perf_counter() - start) * (cfg.epochs / step - 1)
-            print(f"toy: step {step:5d}, MSE {stats[0]:.4f}, ETA {eta:.0f} s", flush=True)
+            print(f"toy: step {step:5d} of {cfg.epochs}, MSE {stats[0]:.4f}", flush=True)
     seconds = time.perf_counter() - start
     grid = torch.linspace(-6, 6, 241, device=device).unsqueeze(1)   # (241, 1)
     with torch.no_grad(), seeded(EVAL_SEED, device):
         theta = model.eval().sample(100)
         pred = functional_forward(net, theta, torch.cat([grid, x]), shared=True)
-    pred = pred.squeeze(-1) * scale                                  # (100, 241 + 20)
-    on_grid, on_data = pred.split([len(grid), len(x)], dim=1)
+    on_grid, on_data = (pred.squeeze(-1) * scale).split([241, 20], dim=1)   # (100, 241), (100, 20)
     std, inside = on_grid.std(0), grid.squeeze(1).abs() <= 4
-    toy = dict(networks=len(pred), x=grid.squeeze(1).tolist(), std=std.tolist(),
-               mean=on_grid.mean(0).tolist(), train_x=x.squeeze(1).tolist(),
-               train_y=y.tolist(), train_mse=(on_data.mean(0) - y).pow(2).mean().item(),
-               spread_inside=std[inside].mean().item(),
-               spread_outside=std[~inside].mean().item())
-    print(f"toy: {seconds:.1f} s; MSE of the 100-network mean on the 20 points "
-          f"{toy['train_mse']:.2f} (noise variance 9); spread inside [-4, 4] "
-          f"{toy['spread_inside']:.2f}, outside {toy['spread_outside']:.2f}")
+    toy = dict(networks=100, x=grid.squeeze(1).tolist(), std=std.tolist(),
+               mean=on_grid.mean(0).tolist(), train_x=x.squeeze(1).tolist(), train_y=y.tolist(),
+               train_mse=(on_data.mean(0) - y).pow(2).mean().item(),
+               spread_inside=std[inside].mean().item(), spread_outside=std[~inside].mean().item())
+    print(f"toy: {seconds:.1f} s; the mean's MSE on the points {toy['train_mse']:.2f} (noise: 9); "
+          f"spread inside [-4, 4] {toy['spread_inside']:.2f}, outside {toy['spread_outside']:.2f}")
     results = dict(dataset="toy", config=vars(cfg), train_seconds=seconds, toy=toy)
     write_results(cfg, results)
     return results
 
-# 12. Files: only into an --out-dir free of other runs' files, each via a renamed temporary file ==
-# The guards of a user's files, together: paths checked first, never half a file, exact resume.
+# 12. Files: paths checked first, one run an --out-dir, never half a file, an exact resume =====
 OUTPUTS = ("checkpoint.pt", "best.pt", "results.json", "diversity.png", "entropy_cdf.png",
            "toy.png")
 ARCH_OPTIONS = ("dataset", "method", "hidden", "mixer")         # must match to load a checkpoint
 TRAINING_OPTIONS = ("seed", "networks_per_step", "images_per_network", "shift", "init_spread",
                     "lr", "lr_spread", "lr_d", "beta", "repulsion")   # must match, to resume
 
-def check_paths(cfg):
-    """Every check of files and folders, made before any long work."""
+@contextlib.contextmanager
+def claimed_paths(cfg):
+    """Every check of files and folders, made before any long work. Then --out-dir is this run's
+    until it ends (its run.lock): a second run there, in any process at any time, is refused."""
+    if os.environ.get("WORLD_SIZE", "1") != "1":      # torchrun: one device a run (paper_notes.md)
+        raise UserError("one process trains one run, on one device; start it with `python "
+                        "hypergan.py`, not torchrun or another launcher of several processes")
     if cfg.eval_only != bool(cfg.checkpoint) or (cfg.resume and cfg.eval_only):
         raise UserError("--checkpoint and --eval-only go together; to continue a run, pass its "
                         "--out-dir and --resume")
@@ -989,27 +968,37 @@ def check_paths(cfg):
     if cfg.dataset == "toy" and (image_options or cfg.method != "hypergan"):
         raise UserError("--dataset toy trains HyperGAN on 20 points: --method, --resume, "
                         "--eval-only, --ood, --adversarial and --export are for image data sets")
-    taken = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out_dir, name))]
-    if cfg.resume and "checkpoint.pt" not in taken:
-        raise UserError(f"--resume: there is no checkpoint.pt in --out-dir {cfg.out_dir!r}")
-    if taken and not cfg.resume:
-        advice = "" if cfg.eval_only else ", or --resume to continue that run"
-        raise UserError(f"--out-dir {cfg.out_dir!r} already holds {', '.join(taken)} of another "
-                        f"run; pass a new --out-dir{advice}")
     folders = {"--out-dir": cfg.out_dir}
     if cfg.export:
         folders["--export PATH"] = cfg.export[1]
     for option, folder in folders.items():
-        probe = os.path.join(folder, ".write_test.tmp")
+        probe = os.path.join(folder, f".write_test.{os.getpid()}.tmp")     # one a process
         try:
             os.makedirs(folder, exist_ok=True)
             open(probe, "w").close()
             os.remove(probe)
         except OSError as e:
             raise UserError(f"{option} {folder!r} is not a writable folder ({e!r:.100})")
-    if cfg.export and any(name.startswith("net_") for name in os.listdir(cfg.export[1])):
-        raise UserError(f"--export PATH {cfg.export[1]!r} already holds exported networks; "
-                        "pass a new folder")
+    lock = os.path.join(cfg.out_dir, "run.lock")
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))   # atomic: one run wins
+    except FileExistsError:
+        raise UserError(f"another run is writing into --out-dir {cfg.out_dir!r} (its run.lock; "
+                        "if no run is, delete that file)") from None
+    try:                                               # the rest of the checks, under the lock
+        taken = [name for name in OUTPUTS if os.path.exists(os.path.join(cfg.out_dir, name))]
+        if cfg.resume and "checkpoint.pt" not in taken:
+            raise UserError(f"--resume: there is no checkpoint.pt in --out-dir {cfg.out_dir!r}")
+        if taken and not cfg.resume:
+            advice = "" if cfg.eval_only else ", or --resume to continue that run"
+            raise UserError(f"--out-dir {cfg.out_dir!r} already holds {', '.join(taken)} of "
+                            f"another run; pass a new --out-dir{advice}")
+        if cfg.export and any(name.startswith("net_") for name in os.listdir(cfg.export[1])):
+            raise UserError(f"--export PATH {cfg.export[1]!r} already holds exported networks; "
+                            "pass a new folder")
+        yield
+    finally:
+        Path(lock).unlink(missing_ok=True)
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -1042,8 +1031,7 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"{path!r} is not a readable HyperGAN checkpoint ({e!r:.100})")
     if version != CHECKPOINT_FORMAT:
-        raise UserError(f"{path!r} has checkpoint format {version}, this file reads "
-                        f"{CHECKPOINT_FORMAT}")
+        raise UserError(f"{path!r} has checkpoint format {version}, not {CHECKPOINT_FORMAT}")
     return ckpt
 
 def restore(ckpt, path, cfg, model, D, opt, state, resume):
@@ -1068,17 +1056,20 @@ def restore(ckpt, path, cfg, model, D, opt, state, resume):
         if ckpt["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"][:torch.cuda.device_count()])
 
-def export_networks(model, arch, num_classes, n, path):
-    """path/net_000.pt, ...: state_dicts of TARGETS[arch](num_classes); returns how many."""
-    names = [name for name, _ in TARGETS[arch](num_classes).named_parameters()]
-    with torch.no_grad(), seeded(EVAL_SEED, next(model.parameters()).device):
-        theta = model.eval().sample(n)
-    tensors = [t for pair in theta for t in pair]           # in the order of named_parameters
-    for k in range(len(tensors[0])):
-        state_dict = {name: t[k].float().cpu().clone() for name, t in zip(names, tensors)}
-        with atomic_path(os.path.join(path, f"net_{k:03d}.pt")) as tmp:
-            torch.save(state_dict, tmp)
-    return len(tensors[0])
+@torch.no_grad()
+def export_networks(model, net, n, path):
+    """path/net_000.pt, ...: state_dicts of `net`, a target without dropout; returns how many."""
+    names = [name for name, _ in net.named_parameters()]
+    k = 0
+    with seeded(EVAL_SEED, next(model.parameters()).device), evaluation_mode(model):
+        for theta in sample_chunks(model, n, net):
+            tensors = [t for pair in theta for t in pair]     # in the order of named_parameters
+            for network in zip(*tensors):                     # one network's tensors
+                state_dict = {name: t.float().cpu().clone() for name, t in zip(names, network)}
+                with atomic_path(os.path.join(path, f"net_{k:03d}.pt")) as tmp:
+                    torch.save(state_dict, tmp)
+                k += 1
+    return k
 
 def write_results(cfg, results):
     """results.json, then the PNG figures that the results allow."""
@@ -1095,7 +1086,7 @@ def write_results(cfg, results):
     except ImportError:
         print("figures: skipped, matplotlib is not installed")
         return
-    ood = {name: r["ecdf"] for name, r in results.get("ood", {}).items() if "ecdf" in r}
+    ood = {name: r["ecdf"] for name, r in results.get("ood", {}).items()}
     figures = dict(diversity=(diversity_figure, results.get("history")),
                    entropy_cdf=(entropy_figure, ood), toy=(toy_figure, results.get("toy")))
     for name, (draw, drawn) in figures.items():
@@ -1149,28 +1140,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def number(kind, low, high):
     """An argparse type: a `kind` (int or float) from low to high, else a one-line error."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and low <= value <= high):
-            raise argparse.ArgumentTypeError(f"must be a number from {low} to {high}, "
-                                             f"got {text!r}")
+    def number(text):                      # not a number: argparse says "invalid number value"
+        value = kind(text)
+        if not low <= value <= high:       # also false for nan
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {text!r}")
         return value
-    return parse
-
-def recipes_help():
-    """The end of --help: what each recipe sets, for the options not given."""
-    lines = ["recipes, the defaults of the options they name (a --method's before a --dataset's):"]
-    for name, recipe in {**RECIPES, **METHOD_RECIPES}.items():
-        lines.append(f"  {name}: " + ", ".join(f"{key} {value}" for key, value in recipe.items()))
-    return "\n".join(lines)
+    return number
 
 def parse_args(argv=None):
     """The options, with the data set's recipe filled in; every check that needs no file."""
+    recipes = [f"  {name}: {recipe}" for name, recipe in {**RECIPES, **METHOD_RECIPES}.items()]
+    recipes.insert(0, "recipes, the defaults of the options they name (a --method's first):")
     p = ArgumentParser(description="HyperGAN (Ratzlaff & Fuxin, ICML 2019): train, evaluate",
-                       epilog=recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="\n".join(recipes), formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="mnist", choices=list(RECIPES),
                    help="mnist0-4: for --ood mnist5-9; synthetic-*: offline stand-ins")
     p.add_argument("--method", default="hypergan", choices=["hypergan", *METHOD_RECIPES],
@@ -1209,7 +1191,7 @@ def parse_args(argv=None):
     p.add_argument("--no-mixer", dest="mixer", action="store_false", help="no Q (Fig. 7, row 29)")
     p.add_argument("--repulsion", type=number(float, 0, 1e4), default=0.0,
                    help="beyond the paper: weight of `repulsion` in Eq. (2) (default: 0)")
-    p.add_argument("--eval-networks", type=number(int, 1, 10**4), default=300,
+    p.add_argument("--eval-networks", type=number(int, 1, 1000), default=300,   # 400 MB of outputs
                    help="networks sampled on the test set (default: 300)")
     p.add_argument("--ood", default="", help="OOD sets, comma-separated: " + ", ".join(OOD_SETS))
     p.add_argument("--adversarial", action="store_true", help="FGSM and PGD, and their detection")
@@ -1222,8 +1204,13 @@ def parse_args(argv=None):
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.dataset}-{cfg.method}"
     cfg.ood = [name for name in cfg.ood.split(",") if name]
     for name in cfg.ood:
+        home = {"mnist5-9": "mnist0-4", "cifar5-9": "cifar5"}.get(name, cfg.dataset)
         if name not in OOD_SETS:
             raise UserError(f"unknown --ood set {name!r}; choose from {', '.join(OOD_SETS)}")
+        if home != cfg.dataset:
+            raise UserError(f"--ood {name} needs --dataset {home}")
+        if name == "notmnist" and "mnist" not in cfg.dataset:      # MNIST's images only
+            raise UserError(f"--ood notmnist holds (1, 28, 28) images, unlike {cfg.dataset}'s")
     if cfg.repulsion and (cfg.method != "hypergan" or cfg.dataset == "toy"):
         raise UserError("--repulsion needs --method hypergan and a data set of images (not toy)")
     if cfg.export:
@@ -1245,21 +1232,30 @@ def pick_device(name):
 def main(argv=None):
     """The command line; every failure ends as one `error:` line and exit code 2."""
     try:
-        return run(argv)
+        cfg = parse_args(argv)
+        with claimed_paths(cfg):
+            return run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("error: interrupted; files already written are kept, and a training run continues "
+    except (KeyboardInterrupt, BrokenPipeError) as e:   # Ctrl-C; the reader stopped (`| head`)
+        if isinstance(e, BrokenPipeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no more output
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "the output closed"
+        print(f"error: {what}; files already written are kept, and a training run continues "
               "from its last finished epoch with --resume", file=sys.stderr)
-    except BrokenPipeError:                        # the reader of the output stopped (`| head`)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no more output there
-        print("error: the output closed; files already written are kept, and a training run "
-              "continues from its last finished epoch with --resume", file=sys.stderr)
     sys.exit(2)
 
-def run(argv):
-    cfg = parse_args(argv)
-    check_paths(cfg)
+@contextlib.contextmanager
+def out_of_memory_is_an_error(phase, checkpoint):
+    """Out of memory in `phase` ends the run as one line, which says what to do."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:               # = torch.OutOfMemoryError from torch 2.5
+        raise UserError(f"out of memory in {phase}; the files written so far are kept: evaluate "
+                        f"{checkpoint!r} again with --eval-only --checkpoint and a new --out-dir "
+                        "(a lower MEMORY_BUDGET in hypergan.py, or --device cpu)") from None
+
+def run(cfg):
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)            # the CPU and GPU generators; data splits have their own
     if cfg.dataset == "toy":
@@ -1275,25 +1271,28 @@ def run(argv):
     steps = len(data.train.x) // images_per_step(cfg) * cfg.epochs
     opt = make_optimizers(model, D, cfg, max(1, steps))
     state = TrainState()
+    best = cfg.checkpoint or os.path.join(cfg.out_dir, "best.pt")
     if ckpt is not None:
         restore(ckpt, ckpt_path, cfg, model, D, opt, state, resume=cfg.resume)
         print(f"resumed from {ckpt_path} after epoch {state.epoch}" if cfg.resume else
               f"loaded {ckpt_path}")
-    elif D is not None and cfg.mixer:
-        loss = pretrain_mixer(model)
-        print(f"mixer pre-training: {PRETRAIN_STEPS} steps, moment-matching loss {loss:.4f}")
-    if not cfg.eval_only:
-        train(cfg, model, D, net, data, opt, state)
-        model.load_state_dict(load_checkpoint(os.path.join(cfg.out_dir, "best.pt"))["model"])
-    results = test_results(cfg, model, net, data, state)
-    results.update(uncertainty_evaluation(cfg, model, net, data))
+    with out_of_memory_is_an_error("training", best):
+        if ckpt is None and D is not None and cfg.mixer:
+            loss = pretrain_mixer(model)
+            print(f"mixer pre-training: {PRETRAIN_STEPS} steps, moment-matching loss {loss:.4f}")
+        if not cfg.eval_only:
+            train(cfg, model, D, net, data, opt, state)
+            model.load_state_dict(load_checkpoint(best)["model"])
+    with out_of_memory_is_an_error("evaluation", best):
+        results = test_results(cfg, model, net, data, state)
+        results.update(uncertainty_evaluation(cfg, model, net, data))
     results["peak_memory_mb"] = peak_memory_mb(device)
     write_results(cfg, results)
     if cfg.export:
-        count = export_networks(model, data.arch, data.num_classes, *cfg.export)
-        print(f"exported {count} networks to {cfg.export[1]}: {data.arch} state_dicts; their "
-              f"input: (pixels in [0, 1] - {data.mean.flatten().tolist()}) / "
-              f"{data.std.flatten().tolist()}")
+        with out_of_memory_is_an_error("export", best):
+            count = export_networks(model, TARGETS[data.arch](data.num_classes), *cfg.export)
+        print(f"exported {count} {data.arch} state_dicts to {cfg.export[1]}; input: (pixels in "
+              f"[0, 1] - {data.mean.flatten().tolist()}) / {data.std.flatten().tolist()}")
     return results
 
 if __name__ == "__main__":
