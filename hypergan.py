@@ -541,8 +541,8 @@ def load_data(cfg, device):
                 mean=mean, std=std, ood=ood)
 
 def augment_batch(x, black, shift, flip, generator=None):
-    """Images x (B, C, H, W), each moved up to `shift` pixels on `black` (a black pixel,
-    normalised: (C, 1, 1)); flip (CIFAR): half of them mirrored."""
+    """Images x (B, C, H, W), each moved up to `shift` pixels on black (C, 1, 1); flip: half
+    of them mirrored."""
     B, C, H, W = x.shape
     padded = F.pad(x - black, (shift,) * 4) + black           # (B, C, H + 2 shift, W + 2 shift)
     dy, dx = torch.randint(0, 2 * shift + 1, (2, B, 1), device=x.device, generator=generator)
@@ -590,6 +590,7 @@ def train(cfg, model, D, net, data, opt, state):
         raise UserError(f"the training set ({len(x_train)} images) is smaller than one step")
     names = STATS if D is not None else LIKELIHOOD_STATS
     log_every = max(1, steps // 5)           # reading the losses waits for the GPU: 5 an epoch
+    black = -data.mean / data.std            # a black pixel, normalised: a shifted image's border
     print(f"{'epoch':>5} {'step':>7}", *(f"{name:>8}" for name in names), " ms/step     ETA")
     for epoch in range(state.epoch, cfg.epochs):
         epoch_start = time.perf_counter()
@@ -600,7 +601,7 @@ def train(cfg, model, D, net, data, opt, state):
         for i, idx in enumerate(batches):                            # idx: (K, b)
             x = x_train[idx.flatten()]                               # (K * b, C, H, W)
             if cfg.shift:
-                x = augment_batch(x, -data.mean / data.std, cfg.shift, flip=x.shape[1] == 3)
+                x = augment_batch(x, black, cfg.shift, flip=x.shape[1] == 3)   # CIFAR: flips
             x = x.view(*idx.shape, *x.shape[1:])                     # (K, b, C, H, W)
             if D is None:
                 stats = likelihood_step(model, net, opt, x, y_train[idx])
