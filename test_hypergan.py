@@ -78,7 +78,7 @@ def theta_around(net, K):
 NETS = {  # name: (target, input shape); the third is the padded, strided, pooled network
     "small": (H.small_net, (1, 28, 28)), "mednet": (H.mednet, (3, 32, 32)),
     "padded, strided, pooled": (lambda: nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ELU(),
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ELU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)), (3, 32, 32)),
     "dilated, same padding, flattened": (lambda: nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=2, dilation=2), nn.AvgPool2d(2), nn.GELU(), nn.Dropout(0.0),
