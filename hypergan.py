@@ -58,10 +58,9 @@ EPSILONS = (0.01, 0.03, 0.08, 0.1, 0.3)  # attack sizes, L-inf in [0, 1] pixel u
 MEMORY_BUDGET = 2**30  # bytes for the chunk of networks x images that evaluation runs at once
 CHECKPOINT_FORMAT = 5  # 5: the 2019 CIFAR net, and lr_spread's own group of Adam
 
-# What differs between data sets (--help prints it): networks_per_step is K (row 6), and
-# images_per_network b (row 5); shift: the pixels a training image moves (MNIST: row 17; CIFAR: the
-# official crop, and a flip); init_spread: how far apart the first networks are (row 3); lr_spread:
-# the rate of W in G_i's last layer, a multiple of --lr (row 7).
+# Per data set (--help prints them): networks_per_step is K (row 6), images_per_network b (row 5);
+# shift: the pixels a training image moves (MNIST: row 17; CIFAR: the official crop, and a flip);
+# init_spread: how far apart the first networks start (row 3); lr_spread: W's rate x --lr (row 7).
 BASE_RECIPE = dict(networks_per_step=16, images_per_network=8, init_spread=0.1, lr_spread=1.0)
 CIFAR_RECIPE = dict(BASE_RECIPE, shift=4, lr_spread=0.1)
 RECIPES = {
